@@ -1,0 +1,112 @@
+"""The ``llmrun`` command: the Typer app, and the one place errors become output and exit codes."""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from typing import Annotated
+
+import typer
+
+from llmrun import __version__
+from llmrun.errors import ExitCode, LlmrunError
+
+app = typer.Typer(
+    name="llmrun",
+    help="Run quantized GGUF models locally on llama.cpp: pull, run, chat, serve, bench.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        sys.stdout.write(f"llmrun {__version__}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool | None,
+        typer.Option("--version", "-V", help="Show the version and exit.", callback=_version_callback, is_eager=True),
+    ] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and llama.cpp's own log lines.")] = False,
+) -> None:
+    if debug:
+        # Settings read the environment once; --debug is the same switch as LLMRUN_DEBUG=1.
+        from llmrun.settings import get_settings
+
+        os.environ["LLMRUN_DEBUG"] = "1"
+        get_settings.cache_clear()
+
+
+def _register_commands() -> None:
+    from llmrun.cli import models, run
+
+    models.register(app)
+    run.register(app)
+
+
+def _debug_enabled() -> bool:
+    return "--debug" in sys.argv[1:] or os.environ.get("LLMRUN_DEBUG", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _fail(message: str, code: int) -> int:
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
+    return code
+
+
+def _is_click_error(error: Exception) -> bool:
+    # typer < 0.26 raises click's exceptions, later versions those of its vendored copy: match by shape.
+    return hasattr(error, "format_message") and hasattr(error, "exit_code")
+
+
+def _click_error_message(error: Exception) -> str:
+    message = str(error.format_message()).rstrip(".")  # type: ignore[attr-defined]
+    ctx = getattr(error, "ctx", None)
+    if ctx is not None and int(getattr(error, "exit_code", 0)) == ExitCode.USAGE_ERROR:
+        message += f"; see `{ctx.command_path} --help`"
+    return message
+
+
+def run_cli(args: list[str] | None = None) -> int:
+    """Run the CLI and return the exit code; every user-caused error ends here as one line."""
+    _register_commands()
+    command = typer.main.get_command(app)
+    try:
+        result = command.main(args=args, prog_name="llmrun", standalone_mode=False)
+        return result if isinstance(result, int) else ExitCode.OK
+    except LlmrunError as error:
+        if _debug_enabled():
+            traceback.print_exc()
+        return _fail(str(error), error.exit_code)
+    except typer.Abort:
+        sys.stderr.write("\ninterrupted\n")
+        return ExitCode.INTERRUPTED
+    except KeyboardInterrupt:
+        sys.stderr.write("\ninterrupted\n")
+        return ExitCode.INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`llmrun run ... | head -1`): stop quietly.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return ExitCode.OK
+    except Exception as error:  # noqa: BLE001 - last resort: one line, not a traceback
+        if _is_click_error(error):
+            return _fail(_click_error_message(error), int(getattr(error, "exit_code", ExitCode.USAGE_ERROR)))
+        if _debug_enabled():
+            traceback.print_exc()
+            return ExitCode.RUNTIME_ERROR
+        return _fail(
+            f"unexpected {type(error).__name__}: {error} (run with --debug for the traceback)", ExitCode.RUNTIME_ERROR
+        )
+
+
+def main() -> None:
+    sys.exit(run_cli())

@@ -1,0 +1,156 @@
+"""Store commands: ``import``, ``pull``, ``list``, ``show``, ``rm``. None of them imports llama_cpp."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from llmrun.cli.output import format_count, format_size, notice, print_json, print_rows, stdin_is_tty, stdout_is_tty
+from llmrun.errors import LlmrunError
+from llmrun.settings import get_settings
+from llmrun.store import ModelEntry, Store
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+
+def _store() -> Store:
+    return Store(get_settings().home)
+
+
+def import_command(
+    path: Annotated[
+        Path, typer.Argument(help="A .gguf file (for a split model, its -00001-of- part).", show_default=False)
+    ],
+    name: Annotated[
+        str | None, typer.Option("--name", "-n", help="Name in the store [default: from the file name].")
+    ] = None,
+    link: Annotated[bool, typer.Option("--link", help="Reference the file where it is instead of copying it.")] = False,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Replace a model of the same name.")] = False,
+) -> None:
+    """Add a GGUF file already on disk to the store (validated first)."""
+    from llmrun.models import import_model
+
+    entry = import_model(_store(), path, name, link=link, replace=force)
+    how = "linked" if link else "copied"
+    notice(f"imported {entry.name} ({format_size(entry.size_bytes)}, {how}, sha256 {entry.sha256[:12]})")
+
+
+def pull_command(
+    model: Annotated[str, typer.Argument(help="A catalog name such as smollm2.", show_default=False)],
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
+) -> None:
+    """Download a model into the store."""
+    from llmrun.models import pull_model
+
+    status = (lambda message: None) if quiet else notice
+    entry, downloaded = pull_model(_store(), model, on_status=status)
+    if not quiet:
+        verb = "pulled" if downloaded else "already have"
+        notice(f"{verb} {entry.name} ({format_size(entry.size_bytes)}, sha256 {entry.sha256[:12]})")
+
+
+def _list_row(entry: ModelEntry) -> list[str]:
+    info = entry.info
+    params = info.get("parameter_count")
+    return [
+        entry.name,
+        str(info.get("architecture", "?")),
+        format_count(params) if isinstance(params, int) else "?",
+        str(info.get("quantization", "?")),
+        format_size(entry.size_bytes),
+        entry.added_at.replace("T", " ").split("+")[0],
+    ]
+
+
+def list_command(json_output: JsonOption = False) -> None:
+    """List the models in the store."""
+    store = _store()
+    entries = store.entries()
+    if json_output:
+        print_json([entry.to_dict() for entry in entries])
+        return
+    if not entries:
+        notice(f"no models yet in {store.home}; try `llmrun pull smollm2`")
+        return
+    print_rows(["NAME", "ARCH", "PARAMS", "QUANT", "SIZE", "ADDED"], [_list_row(entry) for entry in entries])
+    if stdout_is_tty():
+        notice(f"{len(entries)} model(s), {format_size(store.total_size())} in {store.home}")
+
+
+def _show_fields(name: str, path: Path, info: dict[str, Any], entry: ModelEntry | None) -> list[tuple[str, str]]:
+    context = info.get("context_length")
+    fields = [
+        ("name", name),
+        ("architecture", str(info.get("architecture"))),
+        ("parameters", format_count(info["parameter_count"])),
+        ("quantization", str(info.get("quantization"))),
+        ("context length", str(context) if context else "unknown"),
+        ("size on disk", format_size(info["size_bytes"])),
+        ("chat template", "yes" if info.get("has_chat_template") else "no"),
+        ("license", info.get("license") or "unknown"),
+        ("path", str(path)),
+    ]
+    if entry is not None:
+        fields += [("sha256", entry.sha256), ("source", entry.source), ("added", entry.added_at)]
+    return fields
+
+
+def show_command(
+    model: Annotated[
+        str, typer.Argument(help="A model name from `llmrun list`, or a path to a .gguf file.", show_default=False)
+    ],
+    json_output: JsonOption = False,
+    template: Annotated[
+        bool, typer.Option("--template", help="Print the model's chat template and nothing else.")
+    ] = False,
+) -> None:
+    """Show a model's architecture, size, quantization, context length, template and license."""
+    from llmrun.gguf_file import read_model_info
+    from llmrun.models import resolve_model
+
+    resolved = resolve_model(_store(), model)
+    info = read_model_info(resolved.path)
+    if template:
+        if not info.chat_template:
+            raise LlmrunError(f"{resolved.name} has no chat template", "run it with --raw for plain completion")
+        sys.stdout.write(info.chat_template.rstrip("\n") + "\n")
+        return
+    details = info.to_dict()
+    if json_output:
+        data: dict[str, Any] = {"name": resolved.name, "path": str(resolved.path), **details}
+        if resolved.entry is not None:
+            data.update(sha256=resolved.entry.sha256, source=resolved.entry.source, added_at=resolved.entry.added_at)
+        print_json(data)
+        return
+    fields = _show_fields(resolved.name, resolved.path, details, resolved.entry)
+    width = max(len(label) for label, _ in fields)
+    for label, value in fields:
+        sys.stdout.write(f"{label:<{width}}  {value}\n")
+
+
+def rm_command(
+    models: Annotated[list[str], typer.Argument(help="Model names from `llmrun list`.", show_default=False)],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Remove models from the store (files of --link imports are left alone)."""
+    store = _store()
+    entries = [store.get(name) for name in models]
+    if not yes and stdin_is_tty() and sys.stderr.isatty():
+        names = ", ".join(f"{entry.name} ({format_size(entry.size_bytes)})" for entry in entries)
+        if not typer.confirm(f"Remove {names}?", default=False, err=True):
+            raise LlmrunError("nothing removed", "answer y to remove, or pass -y")
+    for entry in entries:
+        freed = store.remove(entry.name)
+        notice(f"removed {entry.name}" + (f", freed {format_size(freed)}" if freed else ""))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("pull")(pull_command)
+    app.command("import")(import_command)
+    app.command("list")(list_command)
+    app.command("ls", hidden=True)(list_command)
+    app.command("show")(show_command)
+    app.command("rm")(rm_command)

@@ -1,0 +1,200 @@
+"""The Engine: a model, one llama.cpp context sized for it, and the scheduler that generates."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llmrun.engine.model import Model
+from llmrun.engine.native import NATIVE_LOG, init_native, llama_cpp
+from llmrun.engine.resources import ContextChoice, available_memory_bytes, choose_context_size, physical_cores
+from llmrun.engine.scheduler import FinishReason, GenerationRequest, Scheduler, Sequence
+from llmrun.engine.template import render_chat
+from llmrun.errors import ModelLoadError, PromptTooLong, UsageError
+
+DEFAULT_N_BATCH = 2048
+DEFAULT_N_UBATCH = 512
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to load a model and size its context."""
+
+    n_ctx: int | None = None  # None: training context, capped to fit memory
+    n_threads: int | None = None  # None: physical cores
+    gpu_layers: str | int = "auto"
+    n_slots: int = 1
+    n_batch: int = DEFAULT_N_BATCH
+    n_ubatch: int = DEFAULT_N_UBATCH
+    debug: bool = False
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """What one generation produced, with token counts and timings in seconds."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    context_full: bool
+    time_to_first_token_s: float
+    generation_s: float
+    total_s: float
+
+    @property
+    def prompt_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.time_to_first_token_s if self.time_to_first_token_s > 0 else 0.0
+
+    @property
+    def generation_tokens_per_s(self) -> float:
+        """Decode speed: each token after the first costs one decode (the first comes with the prompt)."""
+        decodes = self.completion_tokens - 1
+        return decodes / self.generation_s if decodes > 0 and self.generation_s > 0 else 0.0
+
+
+class Generation:
+    """A running generation: iterate for text as it is produced, then read ``result``."""
+
+    def __init__(self, scheduler: Scheduler, sequence: Sequence) -> None:
+        self._scheduler = scheduler
+        self._sequence = sequence
+
+    def __iter__(self) -> Iterator[str]:
+        sequence = self._sequence
+        try:
+            while not sequence.finished:
+                self._scheduler.step()
+                yield from sequence.drain_text()
+            yield from sequence.drain_text()
+        finally:
+            # Interrupted (Ctrl-C, a closed pipe): give the slot back.
+            if not sequence.finished:
+                self._scheduler.cancel(sequence)
+        if sequence.error is not None:
+            raise sequence.error
+
+    @property
+    def result(self) -> GenerationResult:
+        sequence = self._sequence
+        timings = sequence.timings
+        end = timings.finished or timings.last_token or timings.created
+        first = timings.first_token or end
+        return GenerationResult(
+            text=sequence.text,
+            finish_reason=(sequence.finish_reason or FinishReason.CANCELLED).value,
+            prompt_tokens=sequence.prompt_len,
+            completion_tokens=len(sequence.completion_tokens),
+            context_full=sequence.context_full,
+            time_to_first_token_s=first - timings.created,
+            generation_s=(timings.last_token or first) - first,
+            total_s=end - timings.created,
+        )
+
+
+class Engine:
+    """One model loaded with one context of ``n_slots`` sequences."""
+
+    def __init__(self, model_path: Path, options: LoadOptions = LoadOptions()) -> None:
+        init_native(options.debug)
+        if options.n_ctx is not None and options.n_ctx < 16:
+            raise UsageError(f"--ctx {options.n_ctx} is too small", "give at least 16 tokens, or leave it out")
+        if options.n_threads is not None and options.n_threads < 1:
+            raise UsageError(
+                f"--threads {options.n_threads} must be at least 1", "leave it out to use every physical core"
+            )
+        self.model = Model(model_path, options.gpu_layers)
+        self.context_choice: ContextChoice = choose_context_size(
+            options.n_ctx,
+            self.model.n_ctx_train,
+            self.model.kv_bytes_per_token * options.n_slots,
+            available_memory_bytes(),
+        )
+        self.n_threads = options.n_threads or physical_cores()
+        self.ctx: Any = self._create_context(options)
+        self.n_ctx = int(llama_cpp.llama_n_ctx(self.ctx))
+        self.scheduler = Scheduler(
+            self.model,
+            self.ctx,
+            n_slots=options.n_slots,
+            seq_capacity=self.n_ctx // options.n_slots,
+            n_batch=options.n_batch,
+        )
+
+    def _create_context(self, options: LoadOptions) -> Any:
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = self.context_choice.n_ctx * options.n_slots
+        params.n_batch = options.n_batch
+        params.n_ubatch = min(options.n_ubatch, options.n_batch)
+        params.n_seq_max = options.n_slots
+        params.n_threads = self.n_threads
+        params.n_threads_batch = self.n_threads
+        params.no_perf = True
+        ctx = llama_cpp.llama_init_from_model(self.model.handle, params)
+        if not ctx:
+            detail = NATIVE_LOG.last_error()
+            self.model.close()
+            raise ModelLoadError(
+                f"llama.cpp could not create a context of {self.context_choice.n_ctx} tokens"
+                + (f": {detail}" if detail else ""),
+                "try a smaller --ctx",
+            )
+        return ctx
+
+    @property
+    def seq_capacity(self) -> int:
+        return self.scheduler.seq_capacity
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        """Tokens for a conversation in the model's own chat template (plain text when it has none)."""
+        model = self.model
+        if not model.chat_template:
+            text = "\n\n".join(message["content"] for message in messages)
+            return model.tokenize(text, add_special=True, parse_special=False)
+        bos_text = model.token_text(model.bos_token)
+        text = render_chat(
+            model.chat_template, messages, bos_token=bos_text, eos_token=model.token_text(model.eos_token)
+        )
+        # A template that writes BOS itself must not get a second one from the tokenizer.
+        add_special = not (bos_text and text.startswith(bos_text))
+        return model.tokenize(text, add_special=add_special, parse_special=True)
+
+    def raw_prompt(self, text: str) -> list[int]:
+        """Tokens for plain-completion text."""
+        return self.model.tokenize(text, add_special=True, parse_special=True)
+
+    def check_fits(self, prompt_tokens: list[int]) -> None:
+        """Raise PromptTooLong unless the prompt leaves room for at least one generated token."""
+        if len(prompt_tokens) < self.seq_capacity:
+            return
+        train = self.model.n_ctx_train
+        hint = (
+            f"raise it with --ctx (the model was trained on {train})"
+            if self.seq_capacity < train
+            else f"shorten the prompt (the model was trained on {train}; --ctx can go beyond that at lower quality)"
+        )
+        raise PromptTooLong(
+            f"the prompt is {len(prompt_tokens)} tokens but the context is {self.seq_capacity} tokens", hint
+        )
+
+    def generate(self, request: GenerationRequest) -> Generation:
+        """Start generating; iterate the result for text."""
+        if request.max_tokens is not None and request.max_tokens < 1:
+            raise UsageError(f"max tokens must be at least 1, not {request.max_tokens}", "leave it out for no limit")
+        self.check_fits(list(request.prompt_tokens))
+        return Generation(self.scheduler, self.scheduler.submit(request))
+
+    def close(self) -> None:
+        self.scheduler.close()
+        if self.ctx is not None:
+            llama_cpp.llama_free(self.ctx)
+            self.ctx = None
+        self.model.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -1,0 +1,69 @@
+"""Loading llama.cpp: the one import of llama_cpp, and where its log lines go."""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+from collections import deque
+from functools import lru_cache
+from typing import Any
+
+import llama_cpp
+
+__all__ = ["NATIVE_LOG", "init_native", "llama_cpp", "supports_gpu_offload", "system_info"]
+
+# llama.cpp log levels (ggml_log_level).
+_LOG_ERROR = 3
+_LOG_CONT = 5
+
+
+class NativeLog:
+    """Receives llama.cpp's log lines: echoed to stderr with --debug, else only the last errors are kept."""
+
+    def __init__(self) -> None:
+        self.echo = False
+        self.recent_errors: deque[str] = deque(maxlen=8)
+        self._last_level = 0
+
+    def write(self, level: int, text: bytes) -> None:
+        message = text.decode("utf-8", errors="replace")
+        if level == _LOG_CONT:
+            level = self._last_level
+        self._last_level = level
+        if level == _LOG_ERROR and message.strip():
+            self.recent_errors.append(message.strip())
+        if self.echo:
+            sys.stderr.write(message)
+            sys.stderr.flush()
+
+    def last_error(self) -> str | None:
+        return self.recent_errors[-1] if self.recent_errors else None
+
+
+NATIVE_LOG = NativeLog()
+
+
+@llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
+def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    NATIVE_LOG.write(level, text)
+
+
+@lru_cache(maxsize=1)
+def _init_backend() -> None:
+    llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+    llama_cpp.llama_backend_init()
+
+
+def init_native(debug: bool = False) -> Any:
+    """Initialise llama.cpp once per process and return the ``llama_cpp`` module."""
+    NATIVE_LOG.echo = debug
+    _init_backend()
+    return llama_cpp
+
+
+def supports_gpu_offload() -> bool:
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+def system_info() -> str:
+    return bytes(llama_cpp.llama_print_system_info()).decode("utf-8", errors="replace").strip()

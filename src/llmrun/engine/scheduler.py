@@ -1,0 +1,253 @@
+"""Sequences and the decode loop: every request is one sequence among N slots of one context.
+
+``run`` drives one sequence; ``serve`` will drive many through the same ``step()``,
+which puts the next token of every running sequence and the next prompt chunk of
+every new one into a single ``llama_decode`` call.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from llmrun.engine.model import Model
+from llmrun.engine.native import llama_cpp
+from llmrun.engine.sampling import SamplerChain, SamplingParams
+from llmrun.engine.text import StopMatcher, Utf8Stream
+from llmrun.errors import LlmrunError
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What to generate: prompt tokens, how to sample, when to stop."""
+
+    prompt_tokens: tuple[int, ...]
+    sampling: SamplingParams = SamplingParams()
+    max_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+
+class SequenceStatus(Enum):
+    WAITING = "waiting"  # queued, no slot yet
+    PREFILL = "prefill"  # prompt being evaluated, chunk by chunk
+    DECODING = "decoding"  # one token per step
+    FINISHED = "finished"
+
+
+class FinishReason(str, Enum):
+    STOP = "stop"  # end-of-generation token or a stop string
+    LENGTH = "length"  # max_tokens reached, or the context is full
+    CANCELLED = "cancelled"
+    ERROR = "error"
+
+
+@dataclass
+class Timings:
+    """Wall-clock marks of one sequence (``time.perf_counter`` seconds)."""
+
+    created: float = 0.0
+    first_token: float | None = None
+    last_token: float | None = None
+    finished: float | None = None
+
+
+@dataclass
+class Sequence:
+    """One request's state inside the scheduler."""
+
+    request: GenerationRequest
+    sampler: SamplerChain
+    status: SequenceStatus = SequenceStatus.WAITING
+    slot: int = -1
+    n_past: int = 0  # tokens of this sequence already in the KV cache
+    next_token: int | None = None  # sampled, not yet decoded
+    completion_tokens: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    context_full: bool = False
+    error: LlmrunError | None = None
+    timings: Timings = field(default_factory=Timings)
+    utf8: Utf8Stream = field(default_factory=Utf8Stream)
+    stop_matcher: StopMatcher = field(default_factory=lambda: StopMatcher(()))
+    pending_text: deque[str] = field(default_factory=deque)
+    text_parts: list[str] = field(default_factory=list)
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.request.prompt_tokens)
+
+    @property
+    def finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def drain_text(self) -> list[str]:
+        """Text produced since the last call."""
+        parts = list(self.pending_text)
+        self.pending_text.clear()
+        return parts
+
+    def _emit(self, text: str) -> None:
+        if text:
+            self.pending_text.append(text)
+            self.text_parts.append(text)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.text_parts)
+
+
+class Scheduler:
+    """Runs sequences over the ``n_slots`` sequence ids of one llama.cpp context."""
+
+    def __init__(self, model: Model, ctx: Any, n_slots: int, seq_capacity: int, n_batch: int) -> None:
+        self.model = model
+        self.ctx = ctx
+        self.memory = llama_cpp.llama_get_memory(ctx)
+        self.n_slots = n_slots
+        self.seq_capacity = seq_capacity
+        self.n_batch = n_batch
+        self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.free_slots = list(range(n_slots - 1, -1, -1))
+
+    def submit(self, request: GenerationRequest) -> Sequence:
+        sequence = Sequence(
+            request=request,
+            sampler=SamplerChain(request.sampling, self.model.n_vocab),
+            stop_matcher=StopMatcher(request.stop),
+        )
+        sequence.timings.created = time.perf_counter()
+        self.waiting.append(sequence)
+        return sequence
+
+    def cancel(self, sequence: Sequence) -> None:
+        if sequence.status is SequenceStatus.WAITING:
+            self.waiting.remove(sequence)
+        if not sequence.finished:
+            self._finish(sequence, FinishReason.CANCELLED)
+            self._retire()
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def step(self) -> None:
+        """Admit waiting sequences, build one batch, decode it, sample, emit text, retire the finished."""
+        self._admit()
+        sampled = self._build_batch()
+        if self.batch.n_tokens == 0:
+            return
+        status = llama_cpp.llama_decode(self.ctx, self.batch)
+        if status != 0:
+            self._fail_batch(status)
+        else:
+            for sequence, batch_index in sampled:
+                self._sample_and_emit(sequence, batch_index)
+        self._retire()
+
+    def _admit(self) -> None:
+        while self.waiting and self.free_slots:
+            sequence = self.waiting.popleft()
+            sequence.slot = self.free_slots.pop()
+            llama_cpp.llama_memory_seq_rm(self.memory, sequence.slot, -1, -1)
+            sequence.status = SequenceStatus.PREFILL
+            self.running.append(sequence)
+
+    def _build_batch(self) -> list[tuple[Sequence, int]]:
+        """Fill the batch: one token per decoding sequence, then prompt chunks. Returns who gets logits where."""
+        batch = self.batch
+        n_tokens = 0
+        sampled: list[tuple[Sequence, int]] = []
+        for sequence in self.running:
+            if sequence.status is SequenceStatus.DECODING and n_tokens < self.n_batch:
+                self._put(n_tokens, sequence.next_token, sequence.n_past, sequence.slot, True)  # type: ignore[arg-type]
+                sequence.n_past += 1
+                sampled.append((sequence, n_tokens))
+                n_tokens += 1
+        for sequence in self.running:
+            if sequence.status is not SequenceStatus.PREFILL or n_tokens >= self.n_batch:
+                continue
+            prompt = sequence.request.prompt_tokens
+            chunk_end = min(sequence.prompt_len, sequence.n_past + self.n_batch - n_tokens)
+            for position in range(sequence.n_past, chunk_end):
+                self._put(n_tokens, prompt[position], position, sequence.slot, False)
+                n_tokens += 1
+            sequence.n_past = chunk_end
+            if chunk_end == sequence.prompt_len:
+                batch.logits[n_tokens - 1] = True
+                sampled.append((sequence, n_tokens - 1))
+        batch.n_tokens = n_tokens
+        return sampled
+
+    def _put(self, index: int, token: int, position: int, slot: int, logits: bool) -> None:
+        batch = self.batch
+        batch.token[index] = token
+        batch.pos[index] = position
+        batch.n_seq_id[index] = 1
+        batch.seq_id[index][0] = slot
+        batch.logits[index] = logits
+
+    def _sample_and_emit(self, sequence: Sequence, batch_index: int) -> None:
+        if sequence.finished:
+            return
+        token = sequence.sampler.sample(self.ctx, batch_index)
+        now = time.perf_counter()
+        if sequence.status is SequenceStatus.PREFILL:
+            sequence.status = SequenceStatus.DECODING
+            sequence.timings.first_token = now
+        sequence.timings.last_token = now
+        request = sequence.request
+        if not request.ignore_eos and self.model.is_end_of_generation(token):
+            self._finish(sequence, FinishReason.STOP)
+            return
+        sequence.completion_tokens.append(token)
+        sequence.next_token = token
+        text = sequence.stop_matcher.feed(sequence.utf8.feed(self.model.token_bytes(token)))
+        sequence._emit(text)
+        if sequence.stop_matcher.stopped:
+            self._finish(sequence, FinishReason.STOP)
+        elif request.max_tokens is not None and len(sequence.completion_tokens) >= request.max_tokens:
+            self._finish(sequence, FinishReason.LENGTH)
+        elif sequence.n_past >= self.seq_capacity:
+            sequence.context_full = True
+            self._finish(sequence, FinishReason.LENGTH)
+
+    def _finish(self, sequence: Sequence, reason: FinishReason) -> None:
+        if not sequence.stop_matcher.stopped:
+            sequence._emit(sequence.stop_matcher.feed(sequence.utf8.flush()))
+            if not sequence.stop_matcher.stopped:
+                sequence._emit(sequence.stop_matcher.flush())
+        sequence.finish_reason = reason
+        sequence.status = SequenceStatus.FINISHED
+        sequence.timings.finished = time.perf_counter()
+
+    def _fail_batch(self, status: int) -> None:
+        reason = "no room left in the KV cache" if status == 1 else f"llama_decode returned {status}"
+        for sequence in self.running:
+            if not sequence.finished:
+                sequence.error = LlmrunError(f"generation failed: {reason}", "run with --debug to see llama.cpp's log")
+                self._finish(sequence, FinishReason.ERROR)
+
+    def _retire(self) -> None:
+        still_running = []
+        for sequence in self.running:
+            if sequence.finished:
+                llama_cpp.llama_memory_seq_rm(self.memory, sequence.slot, -1, -1)
+                sequence.sampler.close()
+                self.free_slots.append(sequence.slot)
+            else:
+                still_running.append(sequence)
+        self.running = still_running
+
+    def close(self) -> None:
+        for sequence in [*self.running, *self.waiting]:
+            sequence.sampler.close()
+        self.running.clear()
+        self.waiting.clear()
+        if self.batch is not None:
+            llama_cpp.llama_batch_free(self.batch)
+            self.batch = None

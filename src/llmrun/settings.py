@@ -1,0 +1,83 @@
+"""Every path, environment variable and default of llmrun, read in one place."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class EnvVar:
+    """An environment variable llmrun reads, with its default and help text."""
+
+    name: str
+    default: str
+    help: str
+
+
+ENV_VARS: tuple[EnvVar, ...] = (
+    EnvVar("LLMRUN_HOME", "platform user data dir", "Where models and the store live."),
+    EnvVar("LLMRUN_DEFAULT_MODEL", "smollm2", "Model used when a command names none."),
+    EnvVar("LLMRUN_THREADS", "physical cores", "CPU threads for generation."),
+    EnvVar("LLMRUN_GPU_LAYERS", "auto", "Layers to offload: a number, or auto (all on GPU builds)."),
+    EnvVar("LLMRUN_DEBUG", "0", "1 shows tracebacks and llama.cpp's own log lines."),
+    EnvVar("NO_COLOR", "", "Any value turns colour off."),
+)
+
+APP_NAME = "llmrun"
+DEFAULT_MODEL = "smollm2"
+# KV cache may take at most this share of available memory when the context is
+# sized automatically; the rest is for the weights, compute buffers and the OS.
+KV_CACHE_MEMORY_SHARE = 0.5
+MIN_AUTO_CONTEXT = 512
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Resolved settings for one process."""
+
+    home: Path
+    default_model: str
+    threads: int | None
+    gpu_layers: str
+    debug: bool
+
+
+def _default_home() -> Path:
+    # platformdirs costs ~15 ms to import; only pay it when LLMRUN_HOME is unset.
+    from platformdirs import user_data_path
+
+    return user_data_path(APP_NAME, appauthor=False)
+
+
+def _env_flag(value: str | None) -> bool:
+    return (value or "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        from llmrun.errors import UsageError
+
+        raise UsageError(f"{name}={value!r} is not a whole number", f"unset {name} or set it to e.g. 4") from None
+    return number
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Read the environment once per process."""
+    home_env = os.environ.get("LLMRUN_HOME", "").strip()
+    home = Path(home_env).expanduser() if home_env else _default_home()
+    return Settings(
+        home=home.resolve(),
+        default_model=os.environ.get("LLMRUN_DEFAULT_MODEL", "").strip() or DEFAULT_MODEL,
+        threads=_env_int("LLMRUN_THREADS"),
+        gpu_layers=os.environ.get("LLMRUN_GPU_LAYERS", "").strip() or "auto",
+        debug=_env_flag(os.environ.get("LLMRUN_DEBUG")),
+    )
