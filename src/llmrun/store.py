@@ -238,7 +238,7 @@ class Store:
         validate_name(name)
         if not replace and self.find(name) is not None:
             raise StoreError(
-                f"a model named {name!r} already exists", f"choose another --name, or `llmrun rm {name}` first"
+                f"a model named {name!r} already exists", "choose another --name, or replace it with --force"
             )
         if link:
             stored = tuple(

@@ -92,11 +92,6 @@ def run_cli(args: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("\ninterrupted\n")
         return ExitCode.INTERRUPTED
-    except BrokenPipeError:
-        # The reader went away (`llmrun run ... | head -1`): stop quietly.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return ExitCode.OK
     except Exception as error:  # noqa: BLE001 - last resort: one line, not a traceback
         if _is_click_error(error):
             return _fail(_click_error_message(error), int(getattr(error, "exit_code", ExitCode.USAGE_ERROR)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import TYPE_CHECKING, Annotated
 
@@ -29,14 +30,11 @@ def read_prompt(words: list[str]) -> str:
     return text
 
 
-def _stream(generation: Generation) -> str:
-    """Write text as it comes; returns the last piece to decide on a final newline."""
-    last = ""
+def _stream(generation: Generation) -> None:
+    """Write text to stdout as it comes."""
     for piece in generation:
         sys.stdout.write(piece)
         sys.stdout.flush()
-        last = piece
-    return last
 
 
 def _report(engine: Engine, generation: Generation, model_name: str, verbose: bool, json_output: bool) -> None:
@@ -164,17 +162,20 @@ def run_command(
 def _generate(engine: Engine, request: GenerationRequest, model_name: str, *, verbose: bool, json_output: bool) -> None:
     generation = engine.generate(request)
     interrupted = False
-    last = ""
     try:
         if json_output:
             for _ in generation:
                 pass
         else:
-            last = _stream(generation)
+            _stream(generation)
     except KeyboardInterrupt:
         interrupted = True
+    except BrokenPipeError:
+        # The reader went away (`llmrun run ... | head -1`): it has all it wanted, so stop quietly.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(ExitCode.OK) from None
     text = generation.result.text
-    if not json_output and text and (interrupted or not last.endswith("\n")) and not text.endswith("\n"):
+    if not json_output and text and not text.endswith("\n"):
         sys.stdout.write("\n")
         sys.stdout.flush()
     _report(engine, generation, model_name, verbose, json_output)

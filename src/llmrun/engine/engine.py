@@ -114,12 +114,13 @@ class Engine:
         )
         self.n_threads = options.n_threads or physical_cores()
         self.ctx: Any = self._create_context(options)
-        self.n_ctx = int(llama_cpp.llama_n_ctx(self.ctx))
+        # llama.cpp pads the context (to 256); the limit we enforce is the size chosen, so --ctx means what it says.
+        allocated_per_slot = int(llama_cpp.llama_n_ctx(self.ctx)) // options.n_slots
         self.scheduler = Scheduler(
             self.model,
             self.ctx,
             n_slots=options.n_slots,
-            seq_capacity=self.n_ctx // options.n_slots,
+            seq_capacity=min(self.context_choice.n_ctx, allocated_per_slot),
             n_batch=options.n_batch,
         )
 
@@ -132,9 +133,10 @@ class Engine:
         params.n_threads = self.n_threads
         params.n_threads_batch = self.n_threads
         params.no_perf = True
+        NATIVE_LOG.clear_errors()
         ctx = llama_cpp.llama_init_from_model(self.model.handle, params)
         if not ctx:
-            detail = NATIVE_LOG.last_error()
+            detail = NATIVE_LOG.first_error()
             self.model.close()
             raise ModelLoadError(
                 f"llama.cpp could not create a context of {self.context_choice.n_ctx} tokens"
@@ -145,6 +147,7 @@ class Engine:
 
     @property
     def seq_capacity(self) -> int:
+        """Tokens one sequence may hold: prompt plus generated text."""
         return self.scheduler.seq_capacity
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:

@@ -39,9 +39,10 @@ class Model:
         self.n_gpu_layers = resolve_gpu_layers(gpu_layers)
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = self.n_gpu_layers
+        NATIVE_LOG.clear_errors()
         handle = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
         if not handle:
-            detail = NATIVE_LOG.last_error()
+            detail = NATIVE_LOG.first_error()
             raise ModelLoadError(
                 f"llama.cpp could not load {self.path.name}" + (f": {detail}" if detail else ""),
                 "run with --debug to see llama.cpp's log",

@@ -12,8 +12,8 @@ import llama_cpp
 
 __all__ = ["NATIVE_LOG", "init_native", "llama_cpp", "supports_gpu_offload", "system_info"]
 
-# llama.cpp log levels (ggml_log_level).
-_LOG_ERROR = 3
+# ggml_log_level: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5 (continues the previous line).
+_LOG_ERROR = 4
 _LOG_CONT = 5
 
 
@@ -36,8 +36,17 @@ class NativeLog:
             sys.stderr.write(message)
             sys.stderr.flush()
 
-    def last_error(self) -> str | None:
-        return self.recent_errors[-1] if self.recent_errors else None
+    def clear_errors(self) -> None:
+        self.recent_errors.clear()
+
+    def first_error(self) -> str | None:
+        """The first error since ``clear_errors``, without llama.cpp's ``function_name:`` prefixes."""
+        if not self.recent_errors:
+            return None
+        message = self.recent_errors[0]
+        while (prefix := message.split(": ", 1))[0].isidentifier() and len(prefix) == 2:
+            message = prefix[1]
+        return message
 
 
 NATIVE_LOG = NativeLog()

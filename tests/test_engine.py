@@ -1,0 +1,182 @@
+"""The engine against the real llama.cpp: determinism, stops, UTF-8, context limits, several sequences."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from llmrun.engine import Engine, GenerationRequest, LoadOptions, SamplingParams
+from llmrun.engine.resources import choose_context_size
+from llmrun.engine.template import render_chat
+from llmrun.engine.text import StopMatcher, Utf8Stream
+from llmrun.errors import InvalidModelFile, PromptTooLong
+
+GREEDY = SamplingParams(temperature=0.0, repeat_penalty=1.0)
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def smollm2_engine(smollm2: Path) -> Iterator[Engine]:
+    with Engine(smollm2, LoadOptions(n_ctx=2048)) as engine:
+        yield engine
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_model: Path) -> Iterator[Engine]:
+    with Engine(tiny_model, LoadOptions(n_ctx=512)) as engine:
+        yield engine
+
+
+def generate(engine: Engine, prompt: list[int], **kwargs: object) -> tuple[str, str]:
+    request = GenerationRequest(prompt_tokens=tuple(prompt), **kwargs)  # type: ignore[arg-type]
+    generation = engine.generate(request)
+    text = "".join(generation)
+    assert text == generation.result.text
+    return text, generation.result.finish_reason
+
+
+def test_smollm2_knows_the_capital_of_france(smollm2_engine: Engine) -> None:
+    text, reason = generate(
+        smollm2_engine, smollm2_engine.chat_prompt(QUESTION), sampling=SamplingParams(temperature=0), max_tokens=60
+    )
+    assert "Paris" in text
+    assert reason in {"stop", "length"}
+
+
+def test_greedy_output_is_deterministic(smollm2_engine: Engine) -> None:
+    prompt = smollm2_engine.chat_prompt([{"role": "user", "content": "Tell me about the sea."}])
+    first = generate(smollm2_engine, prompt, sampling=GREEDY, max_tokens=40)
+    second = generate(smollm2_engine, prompt, sampling=GREEDY, max_tokens=40)
+    assert first == second
+    assert len(first[0]) > 20
+
+
+def test_same_seed_same_sample_and_other_seed_differs(smollm2_engine: Engine) -> None:
+    prompt = smollm2_engine.chat_prompt([{"role": "user", "content": "Write a poem about rain."}])
+    hot = {"temperature": 1.5, "top_k": 0, "top_p": 1.0, "min_p": 0.0}
+    seeded = [
+        generate(smollm2_engine, prompt, sampling=SamplingParams(seed=seed, **hot), max_tokens=30)[0]
+        for seed in (7, 7, 8)
+    ]  # type: ignore[arg-type]
+    assert seeded[0] == seeded[1]
+    assert seeded[0] != seeded[2]
+
+
+def test_max_tokens_counts_tokens(smollm2_engine: Engine) -> None:
+    request = GenerationRequest(tuple(smollm2_engine.chat_prompt(QUESTION)), GREEDY, max_tokens=5, ignore_eos=True)
+    generation = smollm2_engine.generate(request)
+    list(generation)
+    assert generation.result.completion_tokens == 5
+    assert generation.result.finish_reason == "length"
+
+
+def test_stop_string_spanning_tokens_is_cut(smollm2_engine: Engine) -> None:
+    prompt = smollm2_engine.chat_prompt([{"role": "user", "content": "Describe a forest in three sentences."}])
+    full, _ = generate(smollm2_engine, prompt, sampling=GREEDY, max_tokens=60)
+    tokens = smollm2_engine.model.tokenize(full, add_special=False, parse_special=False)
+    pieces = [smollm2_engine.model.token_bytes(token).decode("utf-8", "replace") for token in tokens]
+    # A stop string made of the end of token 5 and the start of token 6 spans a token boundary.
+    boundary = len("".join(pieces[:6]))
+    stop = full[boundary - 2 : boundary + 3]
+    assert stop and full.find(stop) <= boundary - 2
+    text, reason = generate(smollm2_engine, prompt, sampling=GREEDY, max_tokens=60, stop=(stop, "never-appears"))
+    assert reason == "stop"
+    assert text == full[: full.find(stop)]
+    assert stop not in text
+
+
+def test_prompt_longer_than_context_is_an_error(tiny_model: Path) -> None:
+    with Engine(tiny_model, LoadOptions(n_ctx=64)) as engine:
+        prompt = engine.raw_prompt("word " * 200)
+        with pytest.raises(PromptTooLong, match=rf"the prompt is {len(prompt)} tokens but the context is 64 tokens"):
+            engine.generate(GenerationRequest(tuple(prompt)))
+
+
+def test_generation_stops_when_the_context_is_full(tiny_model: Path) -> None:
+    with Engine(tiny_model, LoadOptions(n_ctx=64)) as engine:
+        prompt = engine.raw_prompt("hello there")
+        generation = engine.generate(GenerationRequest(tuple(prompt), GREEDY, ignore_eos=True))
+        list(generation)
+        result = generation.result
+        assert result.context_full and result.finish_reason == "length"
+        # 64 tokens fill the cache; the last sampled token is returned without being decoded.
+        assert result.prompt_tokens + result.completion_tokens == 64 + 1
+
+
+def test_two_sequences_in_one_context_match_each_alone(smollm2: Path) -> None:
+    """One request is one sequence among N: batching two must not change either answer."""
+    with Engine(smollm2, LoadOptions(n_ctx=1024, n_slots=2)) as engine:
+        prompts = [
+            engine.chat_prompt([{"role": "user", "content": "Name three fruits."}]),
+            engine.chat_prompt([{"role": "user", "content": "What is two plus two?"}]),
+        ]
+        alone = [generate(engine, prompt, sampling=GREEDY, max_tokens=24)[0] for prompt in prompts]
+        generations = [engine.generate(GenerationRequest(tuple(p), GREEDY, max_tokens=24)) for p in prompts]
+        scheduler = engine.scheduler
+        while scheduler.has_work:
+            assert len(scheduler.running) <= 2
+            scheduler.step()
+        together = [generation.result.text for generation in generations]
+        assert together == alone
+
+
+def test_utf8_split_across_byte_tokens_round_trips(tiny_engine: Engine) -> None:
+    text = "naïve café — 日本語のテキスト 😀🎉 done"
+    tokens = tiny_engine.model.tokenize(text, add_special=False, parse_special=False)
+    assert len(tokens) > len(text)  # multi-byte characters are split over several byte tokens
+    stream = Utf8Stream()
+    decoded = "".join(stream.feed(tiny_engine.model.token_bytes(token)) for token in tokens) + stream.flush()
+    assert decoded == text
+
+
+def test_utf8_stream_holds_back_partial_characters() -> None:
+    stream = Utf8Stream()
+    emoji = "😀".encode()
+    assert stream.feed(emoji[:2]) == ""
+    assert stream.feed(emoji[2:] + b"!") == "😀!"
+
+
+def test_stop_matcher_holds_back_a_possible_start() -> None:
+    matcher = StopMatcher(("</end>",))
+    assert matcher.feed("hello </") == "hello "
+    assert matcher.feed("e") == ""
+    assert matcher.feed("x") == "</ex"
+    assert matcher.feed(" and </en") == " and "
+    assert matcher.feed("d> tail") == ""
+    assert matcher.stopped
+
+
+def test_stop_matcher_flushes_unfinished_prefix() -> None:
+    matcher = StopMatcher(("STOP",))
+    assert matcher.feed("abc ST") == "abc "
+    assert matcher.flush() == "ST"
+    assert not matcher.stopped
+
+
+def test_context_size_is_training_context_when_it_fits() -> None:
+    choice = choose_context_size(None, n_ctx_train=8192, kv_bytes_per_token=23_040, available_bytes=8 * 2**30)
+    assert choice.n_ctx == 8192
+
+
+def test_context_size_is_capped_to_fit_memory() -> None:
+    choice = choose_context_size(None, n_ctx_train=131072, kv_bytes_per_token=131072, available_bytes=4 * 2**30)
+    assert choice.n_ctx == 16384  # half of 4 GiB / 128 KiB per token
+    assert "--ctx" in choice.reason
+
+
+def test_context_size_requested_wins() -> None:
+    assert choose_context_size(4096, n_ctx_train=2048, kv_bytes_per_token=1, available_bytes=1).n_ctx == 4096
+
+
+def test_chat_template_runs_sandboxed() -> None:
+    hostile = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
+    with pytest.raises(InvalidModelFile, match="chat template"):
+        render_chat(hostile, QUESTION, bos_token="", eos_token="")
+
+
+def test_chat_template_can_raise_its_own_errors() -> None:
+    template = "{% if messages[0]['role'] != 'system' %}{{ raise_exception('system first') }}{% endif %}"
+    with pytest.raises(InvalidModelFile, match="system first"):
+        render_chat(template, QUESTION, bos_token="", eos_token="")
