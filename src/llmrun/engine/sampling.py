@@ -40,16 +40,16 @@ class SamplerChain:
         chain_params.no_perf = True
         self.handle: Any = llama_cpp.llama_sampler_chain_init(chain_params)
         add = llama_cpp.llama_sampler_chain_add
+        # top-k first: the penalty sampler is slow over a whole vocabulary (llama.h says so), and
+        # penalties only lower logits, so the tokens they could promote are already among the top k.
+        if params.top_k > 0:
+            add(self.handle, llama_cpp.llama_sampler_init_top_k(params.top_k))
         if params.repeat_penalty != 1.0 and params.repeat_last_n != 0:
-            add(
-                self.handle,
-                llama_cpp.llama_sampler_init_penalties(n_vocab, params.repeat_last_n, params.repeat_penalty, 0.0, 0.0),
-            )
+            penalties = llama_cpp.llama_sampler_init_penalties(n_vocab, params.repeat_last_n, params.repeat_penalty, 0, 0)
+            add(self.handle, penalties)
         if params.temperature <= 0:
             add(self.handle, llama_cpp.llama_sampler_init_greedy())
             return
-        if params.top_k > 0:
-            add(self.handle, llama_cpp.llama_sampler_init_top_k(params.top_k))
         if params.top_p < 1.0:
             add(self.handle, llama_cpp.llama_sampler_init_top_p(params.top_p, 1))
         if params.min_p > 0.0:
