@@ -7,6 +7,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from conftest import Cli
 from test_cli_store import assert_one_line_error
 
@@ -205,3 +206,15 @@ def test_run_with_python_dash_m(smollm2_cli: Cli) -> None:
         timeout=120,
     )
     assert "Paris" in completed.stdout
+
+
+@pytest.mark.slow
+def test_default_context_is_the_training_context_and_fills_honestly(smollm2_cli: Cli) -> None:
+    """Without --ctx SmolLM2 gets its full 8192 tokens, and generation runs until they are all used."""
+    result = smollm2_cli("run", "smollm2", "Tell me a story.", "--ignore-eos", "--json", "-v")
+    assert result.returncode == 0, result.stderr
+    data = result.json()
+    assert data["context_size"] == 8192
+    assert data["prompt_tokens"] + data["completion_tokens"] == 8192 + 1
+    assert data["finish_reason"] == "length"
+    assert "context of 8192 tokens is full" in result.stderr

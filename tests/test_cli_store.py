@@ -180,3 +180,27 @@ def test_debug_shows_the_traceback(cli: Cli) -> None:
     result = cli("--debug", "show", "nosuch")
     assert result.returncode == 3
     assert "Traceback" in result.stderr
+
+
+def test_store_commands_never_import_llama_cpp(cli: Cli, tiny_model: Path, tmp_path: Path) -> None:
+    """import, list, show and rm must stay fast: a llama_cpp that cannot be imported must not matter."""
+    blocker = tmp_path / "blocker"
+    (blocker / "llama_cpp").mkdir(parents=True)
+    (blocker / "llama_cpp" / "__init__.py").write_text(
+        "raise ImportError('store commands must not import llama_cpp')\n"
+    )
+    env = {"PYTHONPATH": str(blocker)}
+    for args in (
+        ("import", str(tiny_model), "--name", "tiny"),
+        ("list",),
+        ("list", "--json"),
+        ("show", "tiny"),
+        ("show", "tiny", "--template"),
+        ("rm", "tiny", "-y"),
+        ("--version",),
+        ("--help",),
+    ):
+        result = cli(*args, env=env)
+        assert result.returncode == 0, (args, result.stderr)
+    # The blocker works: run, which needs llama.cpp, fails under it.
+    assert cli("run", str(tiny_model), "hi", env=env).returncode == 1

@@ -19,7 +19,6 @@ class EnvVar:
 
 ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("LLMRUN_HOME", "platform user data dir", "Where models and the store live."),
-    EnvVar("LLMRUN_DEFAULT_MODEL", "smollm2", "Model used when a command names none."),
     EnvVar("LLMRUN_THREADS", "physical cores", "CPU threads for generation."),
     EnvVar("LLMRUN_GPU_LAYERS", "auto", "Layers to offload: a number, or auto (all on GPU builds)."),
     EnvVar("LLMRUN_DEBUG", "0", "1 shows tracebacks and llama.cpp's own log lines."),
@@ -27,7 +26,6 @@ ENV_VARS: tuple[EnvVar, ...] = (
 )
 
 APP_NAME = "llmrun"
-DEFAULT_MODEL = "smollm2"
 # KV cache may take at most this share of available memory when the context is
 # sized automatically; the rest is for the weights, compute buffers and the OS.
 KV_CACHE_MEMORY_SHARE = 0.5
@@ -39,7 +37,6 @@ class Settings:
     """Resolved settings for one process."""
 
     home: Path
-    default_model: str
     threads: int | None
     gpu_layers: str
     debug: bool
@@ -76,7 +73,6 @@ def get_settings() -> Settings:
     home = Path(home_env).expanduser() if home_env else _default_home()
     return Settings(
         home=home.resolve(),
-        default_model=os.environ.get("LLMRUN_DEFAULT_MODEL", "").strip() or DEFAULT_MODEL,
         threads=_env_int("LLMRUN_THREADS"),
         gpu_layers=os.environ.get("LLMRUN_GPU_LAYERS", "").strip() or "auto",
         debug=_env_flag(os.environ.get("LLMRUN_DEBUG")),

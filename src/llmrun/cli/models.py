@@ -22,7 +22,10 @@ def _store() -> Store:
 
 def import_command(
     path: Annotated[
-        Path, typer.Argument(help="A .gguf file (for a split model, its -00001-of- part).", show_default=False)
+        Path,
+        typer.Argument(
+            help="A .gguf file (for a split model, its -00001-of- part).", show_default=False, metavar="PATH"
+        ),
     ],
     name: Annotated[
         str | None, typer.Option("--name", "-n", help="Name in the store [default: from the file name].")
@@ -39,7 +42,7 @@ def import_command(
 
 
 def pull_command(
-    model: Annotated[str, typer.Argument(help="A catalog name such as smollm2.", show_default=False)],
+    model: Annotated[str, typer.Argument(help="A catalog name such as smollm2.", show_default=False, metavar="MODEL")],
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
 ) -> None:
     """Download a model into the store."""
@@ -100,7 +103,10 @@ def _show_fields(name: str, path: Path, info: dict[str, Any], entry: ModelEntry 
 
 def show_command(
     model: Annotated[
-        str, typer.Argument(help="A model name from `llmrun list`, or a path to a .gguf file.", show_default=False)
+        str,
+        typer.Argument(
+            help="A model name from `llmrun list`, or a path to a .gguf file.", show_default=False, metavar="MODEL"
+        ),
     ],
     json_output: JsonOption = False,
     template: Annotated[
@@ -132,7 +138,9 @@ def show_command(
 
 
 def rm_command(
-    models: Annotated[list[str], typer.Argument(help="Model names from `llmrun list`.", show_default=False)],
+    models: Annotated[
+        list[str], typer.Argument(help="Model names from `llmrun list`.", show_default=False, metavar="MODEL...")
+    ],
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
 ) -> None:
     """Remove models from the store (files of --link imports are left alone)."""

@@ -70,10 +70,14 @@ def _report(engine: Engine, generation: Generation, model_name: str, verbose: bo
 
 def run_command(
     model: Annotated[
-        str, typer.Argument(help="A model name from `llmrun list`, or a path to a .gguf file.", show_default=False)
+        str,
+        typer.Argument(
+            help="A model name from `llmrun list`, or a path to a .gguf file.", show_default=False, metavar="MODEL"
+        ),
     ],
     prompt: Annotated[
-        list[str] | None, typer.Argument(help="The prompt; piped stdin is put before it.", show_default=False)
+        list[str] | None,
+        typer.Argument(help="The prompt; piped stdin is put before it.", show_default=False, metavar="[PROMPT]..."),
     ] = None,
     system: Annotated[
         str | None, typer.Option("--system", "-s", help="System prompt.", rich_help_panel=SAMPLING)

@@ -45,7 +45,9 @@ class SamplerChain:
         if params.top_k > 0:
             add(self.handle, llama_cpp.llama_sampler_init_top_k(params.top_k))
         if params.repeat_penalty != 1.0 and params.repeat_last_n != 0:
-            penalties = llama_cpp.llama_sampler_init_penalties(n_vocab, params.repeat_last_n, params.repeat_penalty, 0, 0)
+            penalties = llama_cpp.llama_sampler_init_penalties(
+                n_vocab, params.repeat_last_n, params.repeat_penalty, 0, 0
+            )
             add(self.handle, penalties)
         if params.temperature <= 0:
             add(self.handle, llama_cpp.llama_sampler_init_greedy())
