@@ -73,8 +73,14 @@ def vocabulary() -> tuple[list[str], list[int]]:
     return tokens, types
 
 
-def write_model(path: Path, shape: Shape = PRESETS["tiny"], *, seed: int = 0, float_type: str = "f32") -> Path:
-    """Write the model to ``path``; weights are random but fixed by ``seed``."""
+def write_model(
+    path: Path, shape: Shape = PRESETS["tiny"], *, seed: int = 0, float_type: str = "f32", split_max_tensors: int = 0
+) -> Path:
+    """Write the model to ``path``; weights are random but fixed by ``seed``.
+
+    With ``split_max_tensors`` the model is split into ``<stem>-0000i-of-0000n.gguf`` parts
+    beside ``path``, and the first part is returned.
+    """
     import gguf
 
     rng = np.random.default_rng(seed)
@@ -84,7 +90,7 @@ def write_model(path: Path, shape: Shape = PRESETS["tiny"], *, seed: int = 0, fl
     head_dim = shape.n_embd // shape.n_head
     n_embd_kv = head_dim * shape.n_head_kv
 
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(str(path), "llama", split_max_tensors=split_max_tensors)
     writer.add_name(f"synthetic-llama-{shape.n_layer}x{shape.n_embd}")
     writer.add_license("mit")
     writer.add_context_length(shape.n_ctx_train)
@@ -132,7 +138,8 @@ def write_model(path: Path, shape: Shape = PRESETS["tiny"], *, seed: int = 0, fl
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return path
+    parts = sorted(path.parent.glob(f"{path.stem}-*-of-*.gguf"))
+    return parts[0] if split_max_tensors and parts else path
 
 
 def quantize(source: Path, target: Path, quant: str, threads: int = 0) -> Path:

@@ -204,3 +204,36 @@ def test_store_commands_never_import_llama_cpp(cli: Cli, tiny_model: Path, tmp_p
         assert result.returncode == 0, (args, result.stderr)
     # The blocker works: run, which needs llama.cpp, fails under it.
     assert cli("run", str(tiny_model), "hi", env=env).returncode == 1
+
+
+def test_split_model_imports_as_one_and_runs(cli: Cli, tmp_path: Path, home: Path) -> None:
+    from synthetic_gguf import write_model
+
+    first = write_model(tmp_path / "split.gguf", split_max_tensors=8)
+    assert first.name == "split-00001-of-00003.gguf"
+    assert cli("import", str(first), "--name", "split").returncode == 0
+    [entry] = cli("list", "--json").json()
+    assert [Path(stored["path"]).name for stored in entry["files"]] == [
+        f"split-0000{index}-of-00003.gguf" for index in (1, 2, 3)
+    ]
+    assert len({Path(stored["path"]).parent for stored in entry["files"]}) == 1  # side by side for llama.cpp
+    assert entry["info"]["parameter_count"] == 108_224
+    result = cli("run", "split", "hello", "-n", "3", "--json")
+    assert result.returncode == 0, result.stderr
+    assert result.json()["completion_tokens"] == 3
+    assert cli("rm", "split", "-y").returncode == 0
+    assert store_files(home) == []
+
+
+def test_import_of_a_later_split_part_is_refused(cli: Cli, tmp_path: Path, home: Path) -> None:
+    from synthetic_gguf import write_model
+
+    first = write_model(tmp_path / "split.gguf", split_max_tensors=8)
+    result = cli("import", str(first.with_name("split-00002-of-00003.gguf")))
+    assert result.returncode == 1
+    assert_one_line_error(result.stderr, "not the first part")
+    first.with_name("split-00003-of-00003.gguf").unlink()
+    result = cli("import", str(first))
+    assert result.returncode == 1
+    assert_one_line_error(result.stderr, "missing split-00003-of-00003.gguf")
+    assert store_files(home) == []

@@ -193,8 +193,14 @@ class Store:
                 "free some space, or point LLMRUN_HOME at a larger disk",
             )
 
-    def _copy_in(self, source: Path, expected_sha256: str | None, move: bool) -> tuple[StoredFile, Path]:
-        """Copy (or move) one file into ``files/<sha256>/`` hashing it on the way; returns the record and the path."""
+    def _copy_in(
+        self, source: Path, folder: str | None, expected_sha256: str | None, move: bool
+    ) -> tuple[StoredFile, bool]:
+        """Copy (or move) one file into ``files/<folder>/``, hashing it on the way; True if it was not there before.
+
+        ``folder`` is the sha256 of the model's first file: split parts must sit side by side for llama.cpp.
+        ``None`` means this is the first file, whose own hash names the folder.
+        """
         with self._temp_file() as partial:
             digest = hashlib.sha256()
             if move:
@@ -215,12 +221,31 @@ class Store:
                     f"{source.name} has sha256 {sha256[:12]}…, expected {expected_sha256[:12]}…; it was not added",
                     "the download is corrupt or was tampered with: fetch it again",
                 )
-            target = self.files_dir / sha256 / source.name
+            target = self.files_dir / (folder or sha256) / source.name
             target.parent.mkdir(parents=True, exist_ok=True)
-            if not target.exists():
+            created = not target.exists()
+            if created:
                 os.replace(partial, target)
             size = target.stat().st_size
-        return StoredFile(str(target.relative_to(self.home)), size, sha256), target
+        return StoredFile(str(target.relative_to(self.home)), size, sha256), created
+
+    def _copy_all(self, source_files: list[Path], expected_sha256: str | None, move: bool) -> tuple[StoredFile, ...]:
+        """Copy every part; if one fails, the parts already copied for this call are removed again."""
+        self._check_free_space(sum(path.stat().st_size for path in source_files))
+        records: list[StoredFile] = []
+        created: list[Path] = []
+        try:
+            for index, path in enumerate(source_files):
+                folder = records[0].sha256 if records else None
+                record, is_new = self._copy_in(path, folder, expected_sha256 if index == 0 else None, move)
+                if is_new:
+                    created.append(self.home / record.path)
+                records.append(record)
+        except BaseException:
+            for path in created:
+                path.unlink(missing_ok=True)
+            raise
+        return tuple(records)
 
     def add(
         self,
@@ -247,12 +272,7 @@ class Store:
             if expected_sha256 and stored[0].sha256 != expected_sha256.lower():
                 raise StoreError(f"{source_files[0].name} does not have the expected sha256; it was not added")
         else:
-            self._check_free_space(sum(path.stat().st_size for path in source_files))
-            records = []
-            for index, path in enumerate(source_files):
-                record, _ = self._copy_in(path, expected_sha256 if index == 0 else None, move)
-                records.append(record)
-            stored = tuple(records)
+            stored = self._copy_all(source_files, expected_sha256, move)
         entry = ModelEntry(
             name=name,
             files=stored,
