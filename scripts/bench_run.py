@@ -2,10 +2,11 @@
 """Benchmark `llmrun run` generation speed against native llama.cpp, and CLI start-up time.
 
 In one run, for each model and the same thread count:
-  * native: `llama-bench -p 0 -n 128` (tg128), built from the llama.cpp source vendored
-    in the installed llama-cpp-python's sdist (scripts/build_native.sh);
-  * llmrun: `llmrun run MODEL --json --ignore-eos -n 129` (128 decodes after the first
-    token, greedy), generation tokens/s as reported in its JSON;
+  * native: `llama-bench -p 0 -n 128 -d P` (tg128 after P tokens already in the KV cache,
+    P being the length of llmrun's chat-templated prompt), built from the llama.cpp source
+    vendored in the installed llama-cpp-python's sdist (scripts/build_native.sh);
+  * llmrun: `llmrun run MODEL PROMPT --json --ignore-eos -n 129 --ctx 256` (128 decodes
+    after the first token, greedy), generation tokens/s as reported in its JSON;
 runs alternate between the two so drift in machine load hits both, and the ratio is
 printed. Then the wall time of `llmrun --help` and `llmrun list`.
 
@@ -42,40 +43,26 @@ def native_bin_dir() -> Path:
     return ROOT / built.stdout.strip().splitlines()[-1]
 
 
-def native_tg(bin_dir: Path, model: Path, threads: int) -> float:
-    """One llama-bench tg128 measurement (it does its own warm-up), tokens/s."""
+def native_tg(bin_dir: Path, model: Path, threads: int, depth: int) -> float:
+    """One llama-bench tg128 at the same KV depth as llmrun's prompt (it warms up itself), tokens/s."""
     completed = subprocess.run(
-        [
-            str(bin_dir / "llama-bench"),
-            "-m",
-            str(model),
-            "-p",
-            "0",
-            "-n",
-            str(N_GEN),
-            "-t",
-            str(threads),
-            "-r",
-            "1",
-            "-o",
-            "json",
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
+        [str(bin_dir / "llama-bench"), "-m", str(model), "-p", "0", "-n", str(N_GEN), "-d", str(depth),
+         "-t", str(threads), "-r", "1", "-o", "json"],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
     return float(json.loads(completed.stdout)[0]["avg_ts"])
 
 
-def llmrun_tg(model: Path, threads: int, env: dict[str, str]) -> float:
+def llmrun_tg(model: Path, threads: int, env: dict[str, str]) -> tuple[float, int]:
+    """One `llmrun run`: generation tokens/s over 128 decodes, and the prompt's length in tokens."""
     completed = subprocess.run(
         [str(LLMRUN), "run", str(model), PROMPT, "--json", "--ignore-eos", "-n", str(N_GEN + 1),
-         "-t", "0", "--threads", str(threads), "--ctx", "1024"],
+         "-t", "0", "--threads", str(threads), "--ctx", "256"],
         check=True, capture_output=True, text=True, env=env,
     )  # fmt: skip
     data = json.loads(completed.stdout)
     assert data["completion_tokens"] == N_GEN + 1, data
-    return float(data["timings"]["generation_tokens_per_s"])
+    return float(data["timings"]["generation_tokens_per_s"]), int(data["prompt_tokens"])
 
 
 def wall_times(args: list[str], env: dict[str, str], repetitions: int) -> list[float]:
@@ -129,11 +116,11 @@ def main() -> int:
     print(f"generation, tg{N_GEN}, {threads} threads, {args.repetitions} runs each (mean ± sd tokens/s)")
     print(f"{'model':<44} {'native llama.cpp':>18} {'llmrun run':>18} {'ratio':>7}")
     for model in models:
-        llmrun_tg(model, threads, env)  # warm-up: page cache, CPU frequency
+        _, depth = llmrun_tg(model, threads, env)  # warm-up (page cache, CPU frequency); the prompt's length
         native, ours = [], []
         for _ in range(args.repetitions):
-            native.append(native_tg(bin_dir, model, threads))
-            ours.append(llmrun_tg(model, threads, env))
+            native.append(native_tg(bin_dir, model, threads, depth))
+            ours.append(llmrun_tg(model, threads, env)[0])
         ratio = statistics.mean(ours) / statistics.mean(native)
         print(f"{model.name:<44} {mean_sd(native):>18} {mean_sd(ours):>18} {ratio:7.3f}")
 
