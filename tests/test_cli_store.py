@@ -5,7 +5,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from conftest import Cli
+import pexpect
+from conftest import LLMRUN, Cli
 
 from llmrun import __version__
 
@@ -237,3 +238,30 @@ def test_import_of_a_later_split_part_is_refused(cli: Cli, tmp_path: Path, home:
     assert result.returncode == 1
     assert_one_line_error(result.stderr, "missing split-00003-of-00003.gguf")
     assert store_files(home) == []
+
+
+def test_on_a_terminal_list_is_a_table_and_rm_asks(cli: Cli, tiny_model: Path) -> None:
+    cli("import", str(tiny_model), "--name", "tiny")
+    listing = pexpect.spawn(str(LLMRUN), ["list"], env=cli.env(), encoding="utf-8", timeout=30)
+    listing.expect(pexpect.EOF)
+    lines = listing.before.splitlines()
+    assert lines[0].split() == ["NAME", "ARCH", "PARAMS", "QUANT", "SIZE", "ADDED"]
+    assert "\t" not in listing.before
+    assert "1 model(s)" in listing.before
+
+    declined = pexpect.spawn(str(LLMRUN), ["rm", "tiny"], env=cli.env(), encoding="utf-8", timeout=30)
+    declined.expect(r"Remove tiny \(439\.1 KB\)\? \[y/N\]: ")
+    declined.sendline("n")
+    declined.expect(pexpect.EOF)
+    declined.close()
+    assert declined.exitstatus == 1
+    assert [entry["name"] for entry in cli("list", "--json").json()] == ["tiny"]
+
+    accepted = pexpect.spawn(str(LLMRUN), ["rm", "tiny"], env=cli.env(), encoding="utf-8", timeout=30)
+    accepted.expect(r"\[y/N\]: ")
+    accepted.sendline("y")
+    accepted.expect("removed tiny")
+    accepted.expect(pexpect.EOF)
+    accepted.close()
+    assert accepted.exitstatus == 0
+    assert cli("list", "--json").json() == []
