@@ -49,7 +49,8 @@ def _default_home() -> Path:
     return user_data_path(APP_NAME, appauthor=False)
 
 
-def _env_flag(value: str | None) -> bool:
+def env_flag(value: str | None) -> bool:
+    """True for 1, true, yes, on (any case)."""
     return (value or "").strip().lower() in {"1", "true", "yes", "on"}
 
 
@@ -75,5 +76,5 @@ def get_settings() -> Settings:
         home=home.resolve(),
         threads=_env_int("LLMRUN_THREADS"),
         gpu_layers=os.environ.get("LLMRUN_GPU_LAYERS", "").strip() or "auto",
-        debug=_env_flag(os.environ.get("LLMRUN_DEBUG")),
+        debug=env_flag(os.environ.get("LLMRUN_DEBUG")),
     )

@@ -11,6 +11,7 @@ import typer
 
 from llmrun import __version__
 from llmrun.errors import ExitCode, LlmrunError
+from llmrun.settings import env_flag, get_settings
 
 app = typer.Typer(
     name="llmrun",
@@ -39,8 +40,6 @@ def _root(
 ) -> None:
     if debug:
         # Settings read the environment once; --debug is the same switch as LLMRUN_DEBUG=1.
-        from llmrun.settings import get_settings
-
         os.environ["LLMRUN_DEBUG"] = "1"
         get_settings.cache_clear()
 
@@ -53,7 +52,8 @@ def _register_commands() -> None:
 
 
 def _debug_enabled() -> bool:
-    return "--debug" in sys.argv[1:] or os.environ.get("LLMRUN_DEBUG", "").strip().lower() in {"1", "true", "yes", "on"}
+    # Not get_settings(): this runs while handling errors, and settings can be the error.
+    return env_flag(os.environ.get("LLMRUN_DEBUG"))
 
 
 def _fail(message: str, code: int) -> int:
@@ -86,10 +86,7 @@ def run_cli(args: list[str] | None = None) -> int:
         if _debug_enabled():
             traceback.print_exc()
         return _fail(str(error), error.exit_code)
-    except typer.Abort:
-        sys.stderr.write("\ninterrupted\n")
-        return ExitCode.INTERRUPTED
-    except KeyboardInterrupt:
+    except (typer.Abort, KeyboardInterrupt):
         sys.stderr.write("\ninterrupted\n")
         return ExitCode.INTERRUPTED
     except Exception as error:  # noqa: BLE001 - last resort: one line, not a traceback

@@ -15,10 +15,6 @@ from llmrun.settings import get_settings
 if TYPE_CHECKING:
     from llmrun.engine import Engine, Generation, GenerationRequest
 
-SAMPLING = "Sampling"
-RESOURCES = "Model and resources"
-OUTPUT = "Output"
-
 
 def read_prompt(words: list[str]) -> str:
     """The prompt words, after piped stdin when there is any (``git diff | llmrun run m "Summarise"``)."""
@@ -79,9 +75,7 @@ def run_command(
         list[str] | None,
         typer.Argument(help="The prompt; piped stdin is put before it.", show_default=False, metavar="[PROMPT]..."),
     ] = None,
-    system: Annotated[
-        str | None, typer.Option("--system", "-s", help="System prompt.", rich_help_panel=SAMPLING)
-    ] = None,
+    system: Annotated[str | None, typer.Option("--system", "-s", help="System prompt.")] = None,
     raw: Annotated[
         bool, typer.Option("--raw", help="Send the text as a plain completion, without the chat template.")
     ] = False,
