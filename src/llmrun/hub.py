@@ -1,0 +1,222 @@
+"""The Hugging Face Hub: which GGUF quantizations a repo has, and downloading them verified.
+
+huggingface_hub does the transfer (its cache layout, resume of ``.incomplete`` files,
+file locks, etag checks). We add the sha256 of every LFS file checked against the
+Hub's metadata, a free-space check, and one place where its typed errors become ours.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llmrun.errors import DownloadError, ModelNotFound, StoreError
+from llmrun.gguf_file import SPLIT_RE
+from llmrun.quants import PREFERRED_ORDER, quant_label
+from llmrun.store import sha256_of
+
+ProgressFactory = type[Any]  # a tqdm-like class, given to hf_hub_download
+
+
+class HubUnreachable(DownloadError):
+    """The Hub could not be reached at all (no network, offline mode): a fallback source may help."""
+
+
+@dataclass(frozen=True)
+class HubFile:
+    path: str
+    size: int
+    sha256: str | None  # LFS files only
+
+
+@dataclass(frozen=True)
+class QuantChoice:
+    """One downloadable model in a repo: a quantization, in one file or several split parts."""
+
+    label: str
+    files: tuple[HubFile, ...]
+
+    @property
+    def size(self) -> int:
+        return sum(hub_file.size for hub_file in self.files)
+
+    @property
+    def first(self) -> HubFile:
+        return self.files[0]
+
+
+@dataclass(frozen=True)
+class RepoQuants:
+    repo: str
+    commit: str
+    choices: tuple[QuantChoice, ...]
+
+    def labels(self) -> list[str]:
+        return [choice.label for choice in self.choices]
+
+
+@contextmanager
+def hub_errors(repo: str) -> Iterator[None]:
+    """Turn huggingface_hub's and the network's errors into one-line llmrun errors."""
+    from huggingface_hub import errors as hf_errors
+
+    try:
+        yield
+    except hf_errors.GatedRepoError:
+        raise DownloadError(
+            f"{repo} is gated: its license must be accepted on the Hub, and you must be logged in",
+            "accept it on the model's page, then `hf auth login` or set HF_TOKEN",
+        ) from None
+    except hf_errors.RepositoryNotFoundError:
+        raise ModelNotFound(
+            f"the Hub has no repo {repo} (or it is private)",
+            "check the spelling; for a private repo, log in with `hf auth login` or set HF_TOKEN",
+        ) from None
+    except hf_errors.RevisionNotFoundError:
+        raise ModelNotFound(f"{repo} has no such revision", "leave the revision out to get the latest") from None
+    except hf_errors.RemoteEntryNotFoundError as error:
+        raise ModelNotFound(
+            f"a file of {repo} is missing on the Hub: {error}", "list what exists with --list"
+        ) from None
+    except hf_errors.OfflineModeIsEnabled:
+        raise HubUnreachable(
+            f"cannot reach the Hub for {repo}: HF_HUB_OFFLINE is set", "unset HF_HUB_OFFLINE to download"
+        ) from None
+    except hf_errors.LocalEntryNotFoundError as error:
+        raise HubUnreachable(f"cannot reach the Hugging Face Hub: {_first_line(error)}", _network_hint()) from None
+    except hf_errors.HfHubHTTPError as error:
+        raise DownloadError(
+            f"the Hub answered with an error for {repo}: {_first_line(error)}", _network_hint()
+        ) from None
+    except Exception as error:
+        if _is_network_error(error):
+            raise HubUnreachable(f"cannot reach the Hugging Face Hub: {_first_line(error)}", _network_hint()) from None
+        raise
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _network_hint() -> str:
+    endpoint = os.environ.get("HF_ENDPOINT")
+    where = f"HF_ENDPOINT={endpoint}" if endpoint else "huggingface.co"
+    return f"check the network connection to {where}"
+
+
+def _is_network_error(error: BaseException) -> bool:
+    # huggingface_hub's HTTP stack (httpx or httpx2) raises its own transport errors: recognise them by name.
+    names = {cls.__name__ for cls in type(error).__mro__}
+    return bool(names & {"ConnectError", "TransportError", "TimeoutException", "NetworkError", "RemoteProtocolError"})
+
+
+def _group(files: list[HubFile]) -> tuple[QuantChoice, ...]:
+    """GGUF files grouped into downloadable models; split parts travel together, projectors are left out."""
+    groups: dict[str, list[HubFile]] = {}
+    for hub_file in files:
+        name = hub_file.path.rsplit("/", 1)[-1]
+        if not name.lower().endswith(".gguf") or name.lower().startswith("mmproj"):
+            continue
+        match = SPLIT_RE.match(name)
+        key = hub_file.path[: len(hub_file.path) - len(name)] + (match["prefix"] if match else name)
+        groups.setdefault(key, []).append(hub_file)
+    choices = []
+    for key, parts in groups.items():
+        parts.sort(key=lambda hub_file: hub_file.path)
+        label = quant_label(parts[0].path) or key.rsplit("/", 1)[-1].removesuffix(".gguf")
+        choices.append(QuantChoice(label, tuple(parts)))
+    return tuple(sorted(choices, key=lambda choice: choice.size))
+
+
+def list_quants(repo: str, revision: str | None = None) -> RepoQuants:
+    """Every GGUF model in a repo at a revision (default: the latest), with sizes and sha256."""
+    from huggingface_hub import HfApi
+
+    with hub_errors(repo):
+        info = HfApi().model_info(repo, revision=revision, files_metadata=True)
+    files = [
+        HubFile(sibling.rfilename, int(sibling.size or 0), sibling.lfs.sha256 if sibling.lfs else None)
+        for sibling in info.siblings or []
+    ]
+    choices = _group(files)
+    if not choices:
+        raise ModelNotFound(f"{repo} has no GGUF files", "llmrun runs GGUF models: look for a repo named …-GGUF")
+    return RepoQuants(repo, str(info.sha), choices)
+
+
+def _names(choice: QuantChoice) -> set[str]:
+    """What a user may write after the colon for this choice, lower case."""
+    path = choice.first.path.lower().removesuffix(".gguf")
+    base = path.rsplit("/", 1)[-1]
+    names = {choice.label.lower(), path, base}
+    if match := SPLIT_RE.match(base + ".gguf"):
+        names.add(match["prefix"])
+    return names
+
+
+def find_choice(quants: RepoQuants, requested: str) -> QuantChoice:
+    """The choice a ``:QUANT`` (or file name) asks for, matched case-insensitively."""
+    wanted = requested.lower().removesuffix(".gguf")
+    matches = [choice for choice in quants.choices if wanted in _names(choice)]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        names = ", ".join(choice.first.path for choice in matches)
+        raise ModelNotFound(f"{requested} matches several files in {quants.repo}: {names}", "give the file name")
+    raise ModelNotFound(
+        f"{quants.repo} has no {requested}; it has {', '.join(quants.labels())}",
+        f"pick one, e.g. `llmrun pull {quants.repo}:{quants.labels()[0]}`",
+    )
+
+
+def preferred_choice(quants: RepoQuants, order: tuple[str, ...] = PREFERRED_ORDER) -> QuantChoice | None:
+    """The first quantization of ``order`` the repo has; the only one if there is just one."""
+    if len(quants.choices) == 1:
+        return quants.choices[0]
+    by_label = {choice.label.upper(): choice for choice in quants.choices}
+    for label in order:
+        if label in by_label:
+            return by_label[label]
+    return None
+
+
+def download(
+    quants: RepoQuants, choice: QuantChoice, cache_dir: Path, progress: ProgressFactory | None = None
+) -> list[Path]:
+    """Download every file of ``choice`` at the listed commit; each LFS file's sha256 is checked."""
+    from huggingface_hub import hf_hub_download
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(cache_dir).free
+    if choice.size > free:
+        raise StoreError(
+            f"not enough disk space: {choice.first.path} needs {choice.size / 2**30:.1f} GiB, "
+            f"{cache_dir} has {free / 2**30:.1f} GiB free",
+            "free some space, or point LLMRUN_HOME at a larger disk",
+        )
+    paths = []
+    for hub_file in choice.files:
+        with hub_errors(quants.repo):
+            local = Path(
+                hf_hub_download(
+                    quants.repo, hub_file.path, revision=quants.commit, cache_dir=cache_dir, tqdm_class=progress
+                )
+            )
+        if hub_file.sha256:
+            actual = sha256_of(local)
+            if actual != hub_file.sha256:
+                local.resolve().unlink(missing_ok=True)  # the blob; then the snapshot link to it
+                local.unlink(missing_ok=True)
+                raise DownloadError(
+                    f"{hub_file.path} from {quants.repo} has sha256 {actual[:12]}…, the Hub says "
+                    f"{hub_file.sha256[:12]}…; the file was deleted",
+                    "pull again; if it happens again, the mirror or proxy is serving wrong bytes",
+                )
+        paths.append(local)
+    return paths
