@@ -103,7 +103,7 @@ def main() -> int:
     parser.add_argument("--no-smollm2", action="store_true")
     args = parser.parse_args()
 
-    from llmrun.engine.resources import physical_cores
+    from llmrun.machine import physical_cores
 
     threads = args.threads or physical_cores()
     cache = ROOT / ".cache" / "models"

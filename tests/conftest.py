@@ -15,8 +15,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "tests"))
 
 from fetch_smollm2 import smollm2_path  # noqa: E402
+from hub_standin import HubStandIn  # noqa: E402
 from synthetic_gguf import write_model  # noqa: E402
 
 LLMRUN = Path(sys.executable).with_name("llmrun")
@@ -101,3 +103,25 @@ def smollm2_cli(tmp_path_factory: pytest.TempPathFactory, smollm2: Path) -> Iter
     result = cli("import", str(smollm2), "--name", "smollm2", "--link")
     assert result.returncode == 0, result.stderr
     yield cli
+
+
+@pytest.fixture
+def hub(tmp_path: Path, tiny_model: Path) -> Iterator[HubStandIn]:
+    """The Hub stand-in with a few repos; point a Cli at it with ``hub_env(hub)``."""
+    standin = HubStandIn().start()
+    standin.add_file("bartowski/Tiny-GGUF", "Tiny-Q4_K_M.gguf", tiny_model)
+    standin.add_file("bartowski/Tiny-GGUF", "Tiny-Q8_0.gguf", tiny_model)
+    standin.add_text("bartowski/Tiny-GGUF", "README.md", "# Tiny\n", tmp_path)
+    standin.add_text("someone/no-gguf", "model.safetensors", "not a gguf", tmp_path)
+    yield standin
+    standin.stop()
+
+
+def hub_env(hub: HubStandIn, home: Path) -> dict[str, str]:
+    """Environment for the real huggingface_hub client to talk to the stand-in, with no user token."""
+    return {
+        "HF_ENDPOINT": hub.url,
+        "HF_HOME": str(home.parent / "hf-home"),
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HUB_DOWNLOAD_TIMEOUT": "10",
+    }

@@ -11,8 +11,12 @@ from conftest import LLMRUN, Cli
 from llmrun import __version__
 
 
-def assert_one_line_error(stderr: str, *fragments: str) -> None:
+def assert_one_line_error(stderr: str, *fragments: str, after_status_lines: bool = False) -> None:
+    """stderr is one ``error:`` line (after progress and status lines, where a command prints them)."""
     lines = stderr.strip().splitlines()
+    if after_status_lines:
+        assert not any(line.startswith("error:") for line in lines[:-1]), stderr
+        lines = lines[-1:]
     assert len(lines) == 1, stderr
     assert lines[0].startswith("error: ")
     assert "Traceback" not in stderr

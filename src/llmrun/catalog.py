@@ -70,21 +70,32 @@ def parse_ref(text: str) -> ModelRef:
     ref = text.strip()
     if not ref:
         raise UsageError("empty model name", "give a model name such as smollm2, or a path to a .gguf file")
-    if ref.lower().endswith(".gguf") or ref.startswith(("./", "../", "/", "~")):
+    if ref.startswith(("./", "../", "/", "~")):
         return ModelRef(text, RefKind.PATH, ref)
     for prefix in HUB_PREFIXES:
         if ref.lower().startswith(prefix):
             ref = ref[len(prefix) :]
             break
-    name, _, quant = ref.partition(":")
-    if not name or (":" in ref and not quant):
-        raise UsageError(f"{text!r} is not a model reference", "write NAME, NAME:QUANT, owner/repo or owner/repo:QUANT")
-    if "/" in name:
+    else:
+        # A .gguf name is a file, unless it follows a repo and a colon (owner/repo:file.gguf).
+        if ref.lower().endswith(".gguf") and ":" not in ref:
+            return ModelRef(text, RefKind.PATH, ref)
+    if "/" in ref:
+        name, _, quant = ref.partition(":")
         owner, _, repo = name.partition("/")
-        if not owner or not repo or "/" in repo:
+        if not owner or not repo or "/" in repo or (":" in ref and not quant):
             raise UsageError(f"{text!r} is not a Hub repo", "write owner/repo or owner/repo:QUANT")
         return ModelRef(text, RefKind.HUB, name, quant or None)
-    return ModelRef(text, RefKind.ALIAS, name.lower(), quant or None)
+    # Catalog names may hold a colon themselves (qwen2.5:0.5b), so try the whole text first.
+    lowered = ref.lower()
+    if lowered in load_catalog():
+        return ModelRef(text, RefKind.ALIAS, lowered)
+    name, _, quant = lowered.rpartition(":")
+    if name and quant and name in load_catalog():
+        return ModelRef(text, RefKind.ALIAS, name, quant)
+    if ref.endswith(":") or ref.startswith(":"):
+        raise UsageError(f"{text!r} is not a model reference", "write NAME, NAME:QUANT, owner/repo or owner/repo:QUANT")
+    return ModelRef(text, RefKind.ALIAS, lowered)
 
 
 def _entry(alias: str, data: dict[str, Any]) -> CatalogEntry:

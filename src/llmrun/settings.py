@@ -19,6 +19,11 @@ class EnvVar:
 
 ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("LLMRUN_HOME", "platform user data dir", "Where models and the store live."),
+    EnvVar(
+        "LLMRUN_HF_CACHE",
+        "LLMRUN_HOME/hub",
+        "A Hugging Face cache to pull into and reuse (e.g. ~/.cache/huggingface/hub).",
+    ),
     EnvVar("LLMRUN_THREADS", "physical cores", "CPU threads for generation."),
     EnvVar("LLMRUN_GPU_LAYERS", "auto", "Layers to offload: a number, or auto (all on GPU builds)."),
     EnvVar("LLMRUN_DEBUG", "0", "1 shows tracebacks and llama.cpp's own log lines."),
@@ -40,6 +45,12 @@ class Settings:
     threads: int | None
     gpu_layers: str
     debug: bool
+    hf_cache: Path | None  # LLMRUN_HF_CACHE: a shared Hugging Face cache, never pruned by llmrun
+
+    @property
+    def hub_cache(self) -> Path:
+        """Where Hub downloads go: the shared cache if set, else our own under the home."""
+        return self.hf_cache or self.home / "hub"
 
 
 def _default_home() -> Path:
@@ -77,4 +88,7 @@ def get_settings() -> Settings:
         threads=_env_int("LLMRUN_THREADS"),
         gpu_layers=os.environ.get("LLMRUN_GPU_LAYERS", "").strip() or "auto",
         debug=env_flag(os.environ.get("LLMRUN_DEBUG")),
+        hf_cache=Path(hf_cache).expanduser().resolve()
+        if (hf_cache := os.environ.get("LLMRUN_HF_CACHE", "").strip())
+        else None,
     )

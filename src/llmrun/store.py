@@ -158,6 +158,9 @@ class Store:
         stored = entry.files[index]
         return Path(stored.path) if entry.linked else self.home / stored.path
 
+    def is_complete(self, entry: ModelEntry) -> bool:
+        return all(self.file_path(entry, index).exists() for index in range(len(entry.files)))
+
     def model_path(self, entry: ModelEntry) -> Path:
         """The path llama.cpp loads (the first part of a split model), checked to exist."""
         missing = [
@@ -330,3 +333,37 @@ class Store:
             except OSError:
                 pass  # already gone, or the folder still holds another part
         return freed
+
+    def prune(self, hub_cache: Path | None) -> tuple[int, int]:
+        """Delete what no model uses: orphaned copies, partial files, old Hub revisions; returns (files, bytes).
+
+        ``hub_cache`` is pruned only when it is llmrun's own (a shared cache belongs to other tools too).
+        """
+        in_use = {self.file_path(entry, index).resolve() for entry in self.entries()
+                  for index in range(len(entry.files))}  # fmt: skip
+        candidates: list[Path] = []
+        for folder in (self.files_dir, self.tmp_dir):
+            if folder.is_dir():
+                candidates += [path for path in folder.rglob("*") if path.is_file() and not path.is_symlink()]
+        if hub_cache is not None and hub_cache.is_dir():
+            candidates += [path for path in hub_cache.glob("models--*/blobs/*") if not path.name.endswith(".lock")]
+        removed = freed = 0
+        for path in candidates:
+            if path.resolve() in in_use:
+                continue
+            size = path.stat().st_size
+            path.unlink(missing_ok=True)
+            removed += 1
+            freed += size
+        if hub_cache is not None and hub_cache.is_dir():
+            for link in hub_cache.glob("models--*/snapshots/**/*"):
+                if link.is_symlink() and not link.exists():
+                    link.unlink()
+        for root in (self.files_dir, self.tmp_dir, hub_cache):
+            if root is not None and root.is_dir():
+                for directory in sorted(
+                    (p for p in folder.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True
+                ):
+                    if not any(directory.iterdir()):
+                        directory.rmdir()
+        return removed, freed

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -12,6 +12,10 @@ from llmrun.cli.output import format_count, format_size, notice, print_json, pri
 from llmrun.errors import LlmrunError
 from llmrun.settings import get_settings
 from llmrun.store import ModelEntry, Store
+
+if TYPE_CHECKING:
+    from llmrun.hub import QuantChoice, RepoQuants
+    from llmrun.models import PullOptions
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
@@ -41,18 +45,99 @@ def import_command(
     notice(f"imported {entry.name} ({format_size(entry.size_bytes)}, {how}, sha256 {entry.sha256[:12]})")
 
 
+def _pick_on_terminal(quants: RepoQuants) -> QuantChoice | None:
+    """Ask which quantization to pull, when a terminal is there to ask."""
+    if not (sys.stdin.isatty() and sys.stderr.isatty()):
+        return None
+    _print_quants(quants, to_stderr=True)
+    while True:
+        answer = int(typer.prompt(f"Pull which one? (1-{len(quants.choices)})", type=int, err=True))
+        if 1 <= answer <= len(quants.choices):
+            return quants.choices[answer - 1]
+
+
+def _fit(size_bytes: int, available: int | None) -> str:
+    """Rough: the file plus a KV cache and compute buffers of about a sixth of it, against free memory."""
+    if available is None:
+        return "?"
+    needed = size_bytes * 7 // 6 + (256 << 20)
+    if needed <= available * 0.8:
+        return "yes"
+    return "tight" if needed <= available else "no"
+
+
+def _print_quants(quants: RepoQuants, to_stderr: bool = False) -> None:
+    from llmrun.machine import available_memory_bytes
+    from llmrun.quants import quant_note
+
+    available = available_memory_bytes()
+    rows = [
+        [str(index), choice.label, format_size(choice.size), _fit(choice.size, available), quant_note(choice.label),
+         choice.first.path + (f" (+{len(choice.files) - 1} parts)" if len(choice.files) > 1 else "")]
+        for index, choice in enumerate(quants.choices, start=1)
+    ]  # fmt: skip
+    headers = ["#", "QUANT", "SIZE", "FITS", "NOTE", "FILE"]
+    if to_stderr:
+        widths = [max(len(row[column]) for row in [headers, *rows]) for column in range(len(headers))]
+        for row in [headers, *rows]:
+            sys.stderr.write(
+                "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() + "\n"
+            )
+        return
+    print_rows(headers, rows)
+
+
+def pull_options(*, quiet: bool = False, update: bool = False) -> PullOptions:
+    """How the CLI pulls: into the configured cache, with a progress bar and a picker on a terminal."""
+    from llmrun.cli.progress import DownloadProgress, SilentProgress
+    from llmrun.models import PullOptions
+
+    settings = get_settings()
+    return PullOptions(
+        hub_cache=settings.hub_cache,
+        shared_cache=settings.hf_cache is not None,
+        update=update,
+        progress=SilentProgress if quiet else DownloadProgress,
+        choose=_pick_on_terminal,
+        on_status=(lambda message: None) if quiet else notice,
+    )
+
+
 def pull_command(
-    model: Annotated[str, typer.Argument(help="A catalog name such as smollm2.", show_default=False, metavar="MODEL")],
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="A catalog name (smollm2, qwen2.5:0.5b), owner/repo, owner/repo:QUANT or hf.co/owner/repo:QUANT.",
+            show_default=False,
+            metavar="MODEL",
+        ),
+    ],
+    list_quants_only: Annotated[
+        bool, typer.Option("--list", help="List the repo's quantizations with size and fit; download nothing.")
+    ] = False,
+    update: Annotated[bool, typer.Option("--update", help="Fetch the newest revision if the Hub has one.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
 ) -> None:
-    """Download a model into the store."""
-    from llmrun.models import pull_model
+    """Download a model from the Hugging Face Hub (or a catalog model's fallback source), verified."""
+    from llmrun.hub import list_quants
+    from llmrun.models import pull_model, pull_target_repo
 
-    status = (lambda message: None) if quiet else notice
-    entry, downloaded = pull_model(_store(), model, on_status=status)
-    if not quiet:
-        verb = "pulled" if downloaded else "already have"
-        notice(f"{verb} {entry.name} ({format_size(entry.size_bytes)}, sha256 {entry.sha256[:12]})")
+    if list_quants_only:
+        _print_quants(list_quants(pull_target_repo(model)))
+        return
+    options = pull_options(quiet=quiet, update=update)
+    result = pull_model(_store(), model, options)
+    if quiet:
+        return
+    entry = result.entry
+    if result.downloaded:
+        notice(f"pulled {entry.name} ({format_size(entry.size_bytes)}, sha256 {entry.sha256[:12]})")
+    else:
+        notice(f"already have {entry.name} ({format_size(entry.size_bytes)})")
+    if result.newer_revision:
+        notice(
+            f"the Hub has a newer revision ({result.newer_revision[:10]}); get it with `llmrun pull {model} --update`"
+        )
 
 
 def _list_row(entry: ModelEntry) -> list[str]:
@@ -155,6 +240,27 @@ def rm_command(
         notice(f"removed {entry.name}" + (f", freed {format_size(freed)}" if freed else ""))
 
 
+def catalog_command(json_output: JsonOption = False) -> None:
+    """List the catalog: short names for popular models, and the Hub repo and quantization each pulls."""
+    from llmrun.catalog import load_catalog
+
+    store = _store()
+    entries = list(load_catalog().values())
+    if json_output:
+        print_json([{"name": e.alias, "repo": e.repo, "quant": e.quant, "file": e.file, "description": e.description,
+                     "pulled": store.find(e.alias) is not None} for e in entries])  # fmt: skip
+        return
+    rows = [[e.alias, e.quant, e.repo, "yes" if store.find(e.alias) else "", e.description] for e in entries]
+    print_rows(["NAME", "QUANT", "REPO", "PULLED", "DESCRIPTION"], rows)
+
+
+def prune_command() -> None:
+    """Delete files no model uses: old revisions, orphaned blobs, partial downloads and copies."""
+    settings = get_settings()
+    removed, freed = _store().prune(None if settings.hf_cache else settings.hub_cache)
+    notice(f"removed {removed} file(s), freed {format_size(freed)}")
+
+
 def register(app: typer.Typer) -> None:
     app.command("pull")(pull_command)
     app.command("import")(import_command)
@@ -162,3 +268,5 @@ def register(app: typer.Typer) -> None:
     app.command("ls", hidden=True)(list_command)
     app.command("show")(show_command)
     app.command("rm")(rm_command)
+    app.command("catalog")(catalog_command)
+    app.command("prune")(prune_command)

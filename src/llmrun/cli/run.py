@@ -10,7 +10,7 @@ import typer
 
 from llmrun.cli.output import notice, print_json, stdin_is_tty
 from llmrun.errors import ExitCode, UsageError
-from llmrun.settings import get_settings
+from llmrun.settings import env_flag, get_settings
 
 if TYPE_CHECKING:
     from llmrun.engine import Engine, Generation, GenerationRequest
@@ -113,16 +113,21 @@ def run_command(
     json_output: Annotated[
         bool, typer.Option("--json", help="Print one JSON object: text, token counts, timings.")
     ] = False,
+    no_pull: Annotated[
+        bool, typer.Option("--no-pull", help="Fail instead of pulling a catalog or Hub model that is not here yet.")
+    ] = False,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Say what was loaded and how fast it ran, on stderr.")
     ] = False,
 ) -> None:
     """Answer one prompt, streaming the answer to stdout."""
-    from llmrun.models import resolve_model
+    from llmrun.cli.models import pull_options
+    from llmrun.models import resolve_or_pull
     from llmrun.store import Store
 
     settings = get_settings()
-    resolved = resolve_model(Store(settings.home), model)
+    offline = env_flag(os.environ.get("HF_HUB_OFFLINE"))
+    resolved = resolve_or_pull(Store(settings.home), model, None if no_pull or offline else pull_options())
     text = read_prompt(prompt or [])
 
     from llmrun.engine import Engine, GenerationRequest, LoadOptions, SamplingParams

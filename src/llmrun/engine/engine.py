@@ -9,10 +9,11 @@ from typing import Any
 
 from llmrun.engine.model import Model
 from llmrun.engine.native import NATIVE_LOG, init_native, llama_cpp
-from llmrun.engine.resources import ContextChoice, available_memory_bytes, choose_context_size, physical_cores
+from llmrun.engine.resources import ContextChoice, choose_context_size
 from llmrun.engine.scheduler import FinishReason, GenerationRequest, Scheduler, Sequence
 from llmrun.engine.template import render_chat
 from llmrun.errors import ModelLoadError, PromptTooLong, UsageError
+from llmrun.machine import available_memory_bytes, physical_cores
 
 DEFAULT_N_BATCH = 2048
 DEFAULT_N_UBATCH = 512
