@@ -263,3 +263,15 @@ def test_catalog_alias_with_another_quant(pull: Cli, hub: HubStandIn, tiny_model
     assert pull("pull", "qwen2.5:0.5b").returncode == 0
     assert pull("pull", "qwen2.5:0.5b:q8_0").returncode == 0
     assert {"qwen2.5:0.5b", "qwen2.5:0.5b:Q8_0"} <= set(entries(pull))
+
+
+def test_a_connection_dropped_mid_file_is_resumed_in_the_same_pull(pull: Cli, hub: HubStandIn, smollm2: Path) -> None:
+    hub.add_file("org/Big-GGUF", "Big-Q4_1.gguf", smollm2)
+    hub.fault("org/Big-GGUF", "Big-Q4_1.gguf", Fault(drop_after_bytes=40 << 20))
+    result = pull("pull", "org/Big-GGUF")
+    assert result.returncode == 0, result.stderr
+    first, second = hub.downloads_of("Big-Q4_1.gguf")
+    assert first.body_bytes == 40 << 20
+    assert second.range == f"bytes={40 << 20}-"
+    assert second.body_bytes == smollm2.stat().st_size - (40 << 20)
+    assert "org/Big-GGUF:Q4_1" in entries(pull)
