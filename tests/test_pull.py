@@ -275,3 +275,46 @@ def test_a_connection_dropped_mid_file_is_resumed_in_the_same_pull(pull: Cli, hu
     assert second.range == f"bytes={40 << 20}-"
     assert second.body_bytes == smollm2.stat().st_size - (40 << 20)
     assert "org/Big-GGUF:Q4_1" in entries(pull)
+
+
+def test_a_file_that_is_not_a_gguf_is_removed_and_not_listed(
+    pull: Cli, hub: HubStandIn, home: Path, tmp_path: Path
+) -> None:
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"<html>a login page, not a model</html>" * 1000)
+    hub.add_file("org/Fake-GGUF", "Fake-Q4_K_M.gguf", fake)
+    result = pull("pull", "org/Fake-GGUF")
+    assert result.returncode == 1
+    assert_one_line_error(result.stderr, "not a usable GGUF", "not a GGUF file", after_status_lines=True)
+    assert entries(pull) == {}
+    assert not [path for path in (home / "hub").rglob("blobs/*") if not path.name.endswith(".lock")]
+
+
+def test_not_enough_disk_space_is_refused_before_downloading(pull: Cli, hub: HubStandIn, tiny_model: Path) -> None:
+    remote = hub.add_file("org/Huge-GGUF", "Huge-Q4_K_M.gguf", tiny_model)
+    remote.listed_size = 1 << 60  # the Hub says the file is an exabyte
+    result = pull("pull", "org/Huge-GGUF")
+    assert result.returncode == 1
+    assert_one_line_error(result.stderr, "not enough disk space", after_status_lines=True)
+    assert hub.downloads_of("Huge-Q4_K_M.gguf") == []
+    assert entries(pull) == {}
+
+
+def test_on_a_terminal_a_picker_offers_the_quants(pull: Cli, hub: HubStandIn, tiny_model: Path) -> None:
+    import pexpect
+    from conftest import LLMRUN
+
+    hub.add_file("org/Odd-GGUF", "Odd-Q3_K_M.gguf", tiny_model)
+    hub.add_file("org/Odd-GGUF", "Odd-Q2_K.gguf", tiny_model)
+    piped = pull("pull", "org/Odd-GGUF")
+    assert piped.returncode == 2
+    assert_one_line_error(piped.stderr, "none is a usual default", "Q2_K", "Q3_K_M")
+    picker = pexpect.spawn(str(LLMRUN), ["pull", "org/Odd-GGUF"], env=pull.env(), encoding="utf-8", timeout=30)
+    picker.expect(r"Pull which one\? \(1-2\): ")
+    [row] = [line.split() for line in picker.before.splitlines() if "Q3_K_M" in line]
+    assert "3-bit;" in row
+    picker.sendline(row[0])  # the number shown for Q3_K_M
+    picker.expect(pexpect.EOF)
+    picker.close()
+    assert picker.exitstatus == 0
+    assert set(entries(pull)) == {"org/Odd-GGUF:Q3_K_M"}

@@ -130,7 +130,7 @@ def _group(files: list[HubFile]) -> tuple[QuantChoice, ...]:
         parts.sort(key=lambda hub_file: hub_file.path)
         label = quant_label(parts[0].path) or key.rsplit("/", 1)[-1].removesuffix(".gguf")
         choices.append(QuantChoice(label, tuple(parts)))
-    return tuple(sorted(choices, key=lambda choice: choice.size))
+    return tuple(sorted(choices, key=lambda choice: (choice.size, choice.label)))
 
 
 def list_quants(repo: str, revision: str | None = None) -> RepoQuants:
