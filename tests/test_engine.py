@@ -180,3 +180,43 @@ def test_chat_template_can_raise_its_own_errors() -> None:
     template = "{% if messages[0]['role'] != 'system' %}{{ raise_exception('system first') }}{% endif %}"
     with pytest.raises(InvalidModelFile, match="system first"):
         render_chat(template, QUESTION, bos_token="", eos_token="")
+
+
+def test_a_conversation_evaluates_only_the_new_tokens_each_turn(smollm2: Path) -> None:
+    """The KV cache is kept between turns: turn 5 evaluates its new message, not the whole conversation."""
+    questions = ["Name a fruit.", "What colour is it?", "Where does it grow?", "Is it sweet?", "Say thanks."]
+    messages: list[dict[str, str]] = []
+    with Engine(smollm2, LoadOptions(n_ctx=4096)) as engine:
+        previous_prompt: list[int] = []
+        for turn, question in enumerate(questions, start=1):
+            messages.append({"role": "user", "content": question})
+            prompt = engine.chat_prompt(messages)
+            generation = engine.generate(GenerationRequest(tuple(prompt), GREEDY, max_tokens=24))
+            answer = "".join(generation)
+            result = generation.result
+            if turn == 1:
+                assert result.cached_tokens == 0
+            else:
+                new_turn = engine.model.tokenize(
+                    f"<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n",
+                    add_special=False,
+                    parse_special=True,
+                )
+                assert result.cached_tokens >= len(previous_prompt)  # everything before, and the last answer
+                assert result.evaluated_prompt_tokens <= len(new_turn) + 2
+            previous_prompt = prompt
+            messages.append({"role": "assistant", "content": answer})
+        assert result.prompt_tokens > 100 and result.evaluated_prompt_tokens < 25
+
+
+def test_a_different_prompt_reuses_only_the_shared_start(smollm2_engine: Engine) -> None:
+    first = smollm2_engine.chat_prompt([{"role": "user", "content": "Tell me about cats."}])
+    second = smollm2_engine.chat_prompt([{"role": "user", "content": "Tell me about dogs."}])
+    generate(smollm2_engine, first, sampling=GREEDY, max_tokens=4)
+    shared = next(index for index, (a, b) in enumerate(zip(first, second, strict=False)) if a != b)
+    generation = smollm2_engine.generate(GenerationRequest(tuple(second), GREEDY, max_tokens=4))
+    reused_text = "".join(generation)
+    assert generation.result.cached_tokens == shared
+    # Reuse must not change the answer: the same prompt in a fresh context gives the same text.
+    with Engine(smollm2_engine.model.path, LoadOptions(n_ctx=2048)) as fresh:
+        assert generate(fresh, second, sampling=GREEDY, max_tokens=4)[0] == reused_text

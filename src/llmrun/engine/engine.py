@@ -40,14 +40,20 @@ class GenerationResult:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int  # prompt tokens already in the KV cache from the previous turn: not evaluated again
     context_full: bool
     time_to_first_token_s: float
     generation_s: float
     total_s: float
 
     @property
+    def evaluated_prompt_tokens(self) -> int:
+        return self.prompt_tokens - self.cached_tokens
+
+    @property
     def prompt_tokens_per_s(self) -> float:
-        return self.prompt_tokens / self.time_to_first_token_s if self.time_to_first_token_s > 0 else 0.0
+        evaluated = self.evaluated_prompt_tokens
+        return evaluated / self.time_to_first_token_s if self.time_to_first_token_s > 0 else 0.0
 
     @property
     def generation_tokens_per_s(self) -> float:
@@ -88,6 +94,7 @@ class Generation:
             finish_reason=(sequence.finish_reason or FinishReason.CANCELLED).value,
             prompt_tokens=sequence.prompt_len,
             completion_tokens=len(sequence.completion_tokens),
+            cached_tokens=sequence.n_cached,
             context_full=sequence.context_full,
             time_to_first_token_s=first - timings.created,
             generation_s=(timings.last_token or first) - first,

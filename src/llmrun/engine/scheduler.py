@@ -64,6 +64,7 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     slot: int = -1
     n_past: int = 0  # tokens of this sequence already in the KV cache
+    n_cached: int = 0  # of those, prompt tokens found already there from the slot's previous sequence
     next_token: int | None = None  # sampled, not yet decoded
     completion_tokens: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
@@ -99,6 +100,15 @@ class Sequence:
         return "".join(self.text_parts)
 
 
+def _common_prefix(cached: list[int], prompt: tuple[int, ...]) -> int:
+    length = 0
+    for cached_token, prompt_token in zip(cached, prompt, strict=False):
+        if cached_token != prompt_token:
+            break
+        length += 1
+    return length
+
+
 class Scheduler:
     """Runs sequences over the ``n_slots`` sequence ids of one llama.cpp context."""
 
@@ -113,6 +123,10 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.free_slots = list(range(n_slots - 1, -1, -1))
+        # What each slot's KV cache holds (token i at position i): a finished sequence leaves its
+        # tokens there, so a next prompt that starts the same way (a conversation's next turn)
+        # evaluates only what is new.
+        self.slot_tokens: list[list[int]] = [[] for _ in range(n_slots)]
 
     def submit(self, request: GenerationRequest) -> Sequence:
         sequence = Sequence(
@@ -152,8 +166,17 @@ class Scheduler:
     def _admit(self) -> None:
         while self.waiting and self.free_slots:
             sequence = self.waiting.popleft()
-            sequence.slot = self.free_slots.pop()
-            llama_cpp.llama_memory_seq_rm(self.memory, sequence.slot, -1, -1)
+            prompt = sequence.request.prompt_tokens
+            slot = max(self.free_slots, key=lambda free: _common_prefix(self.slot_tokens[free], prompt))
+            self.free_slots.remove(slot)
+            # Keep the shared prefix, but evaluate at least the last prompt token: its logits are needed.
+            keep = min(_common_prefix(self.slot_tokens[slot], prompt), len(prompt) - 1)
+            if not llama_cpp.llama_memory_seq_rm(self.memory, slot, keep, -1):
+                keep = 0  # this memory cannot drop a tail (recurrent models): start over
+                llama_cpp.llama_memory_seq_rm(self.memory, slot, -1, -1)
+            del self.slot_tokens[slot][keep:]
+            sequence.slot = slot
+            sequence.n_past = sequence.n_cached = keep
             sequence.status = SequenceStatus.PREFILL
             self.running.append(sequence)
 
@@ -165,6 +188,7 @@ class Scheduler:
         for sequence in self.running:
             if sequence.status is SequenceStatus.DECODING and n_tokens < self.n_batch:
                 self._put(n_tokens, sequence.next_token, sequence.n_past, sequence.slot, True)  # type: ignore[arg-type]
+                self.slot_tokens[sequence.slot].append(sequence.next_token)  # type: ignore[arg-type]
                 sequence.n_past += 1
                 sampled.append((sequence, n_tokens))
                 n_tokens += 1
@@ -176,6 +200,7 @@ class Scheduler:
             for position in range(sequence.n_past, chunk_end):
                 self._put(n_tokens, prompt[position], position, sequence.slot, False)
                 n_tokens += 1
+            self.slot_tokens[sequence.slot].extend(prompt[sequence.n_past : chunk_end])
             sequence.n_past = chunk_end
             if chunk_end == sequence.prompt_len:
                 batch.logits[n_tokens - 1] = True
@@ -236,7 +261,10 @@ class Scheduler:
         still_running = []
         for sequence in self.running:
             if sequence.finished:
-                llama_cpp.llama_memory_seq_rm(self.memory, sequence.slot, -1, -1)
+                if sequence.finish_reason in (FinishReason.ERROR, FinishReason.CANCELLED):
+                    # The cache may hold tokens the record does not (a decode that failed half way).
+                    llama_cpp.llama_memory_seq_rm(self.memory, sequence.slot, -1, -1)
+                    self.slot_tokens[sequence.slot].clear()
                 sequence.sampler.close()
                 self.free_slots.append(sequence.slot)
             else:
