@@ -36,6 +36,15 @@ APP_NAME = "llmrun"
 KV_CACHE_MEMORY_SHARE = 0.5
 MIN_AUTO_CONTEXT = 512
 
+# llama.cpp's defaults (common/common.h), but for the repeat penalty: 1.1 as in Ollama,
+# which keeps small models out of loops.
+DEFAULT_TEMPERATURE = 0.8
+DEFAULT_TOP_K = 40
+DEFAULT_TOP_P = 0.95
+DEFAULT_MIN_P = 0.05
+DEFAULT_REPEAT_PENALTY = 1.1
+DEFAULT_REPEAT_LAST_N = 64
+
 
 @dataclass(frozen=True)
 class Settings:

@@ -8,9 +8,16 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from llmrun.cli import options
 from llmrun.cli.output import notice, print_json, stdin_is_tty
 from llmrun.errors import ExitCode, UsageError
-from llmrun.settings import env_flag, get_settings
+from llmrun.settings import (
+    DEFAULT_MIN_P,
+    DEFAULT_REPEAT_PENALTY,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_K,
+    DEFAULT_TOP_P,
+)
 
 if TYPE_CHECKING:
     from llmrun.engine import Engine, Generation, GenerationRequest
@@ -75,86 +82,46 @@ def run_command(
         list[str] | None,
         typer.Argument(help="The prompt; piped stdin is put before it.", show_default=False, metavar="[PROMPT]..."),
     ] = None,
-    system: Annotated[str | None, typer.Option("--system", "-s", help="System prompt.")] = None,
+    system: options.System = None,
     raw: Annotated[
         bool, typer.Option("--raw", help="Send the text as a plain completion, without the chat template.")
     ] = False,
-    temperature: Annotated[float, typer.Option("--temperature", "-t", min=0.0, help="0 is greedy.")] = 0.8,
-    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)] = 0.95,
-    top_k: Annotated[int, typer.Option("--top-k", min=0, help="0 disables.")] = 40,
-    min_p: Annotated[float, typer.Option("--min-p", min=0.0, max=1.0)] = 0.05,
-    repeat_penalty: Annotated[float, typer.Option("--repeat-penalty", min=0.0, help="1.0 disables.")] = 1.1,
-    seed: Annotated[
-        int | None, typer.Option("--seed", min=0, max=2**32 - 2, help="For repeatable sampling [default: random].")
-    ] = None,
-    max_tokens: Annotated[
-        int | None,
-        typer.Option("--max-tokens", "-n", min=1, help="Stop after this many tokens [default: no limit]."),
-    ] = None,
-    stop: Annotated[
-        list[str] | None, typer.Option("--stop", help="Stop at this text (repeatable); it is not printed.")
-    ] = None,
+    temperature: options.Temperature = DEFAULT_TEMPERATURE,
+    top_p: options.TopP = DEFAULT_TOP_P,
+    top_k: options.TopK = DEFAULT_TOP_K,
+    min_p: options.MinP = DEFAULT_MIN_P,
+    repeat_penalty: options.RepeatPenalty = DEFAULT_REPEAT_PENALTY,
+    seed: options.Seed = None,
+    max_tokens: options.MaxTokens = None,
+    stop: options.Stop = None,
     ignore_eos: Annotated[
         bool, typer.Option("--ignore-eos", help="Keep generating past the end-of-text token (for benchmarks).")
     ] = False,
-    ctx: Annotated[
-        int | None,
-        typer.Option(
-            "--ctx", "-c", min=16, help="Context size in tokens [default: the model's, capped to fit memory]."
-        ),
-    ] = None,
-    threads: Annotated[
-        int | None, typer.Option("--threads", min=1, help="CPU threads [default: physical cores].")
-    ] = None,
-    gpu_layers: Annotated[
-        str | None,
-        typer.Option("--gpu-layers", "-ngl", help="Layers on the GPU: a number, or auto [default: auto]."),
-    ] = None,
+    ctx: options.Ctx = None,
+    threads: options.Threads = None,
+    gpu_layers: options.GpuLayers = None,
     json_output: Annotated[
         bool, typer.Option("--json", help="Print one JSON object: text, token counts, timings.")
     ] = False,
-    no_pull: Annotated[
-        bool, typer.Option("--no-pull", help="Fail instead of pulling a catalog or Hub model that is not here yet.")
-    ] = False,
-    verbose: Annotated[
-        bool, typer.Option("--verbose", "-v", help="Say what was loaded and how fast it ran, on stderr.")
-    ] = False,
+    no_pull: options.NoPull = False,
+    verbose: options.Verbose = False,
 ) -> None:
     """Answer one prompt, streaming the answer to stdout."""
-    from llmrun.cli.models import pull_options
-    from llmrun.models import resolve_or_pull
-    from llmrun.store import Store
-
-    settings = get_settings()
-    offline = env_flag(os.environ.get("HF_HUB_OFFLINE"))
-    resolved = resolve_or_pull(Store(settings.home), model, None if no_pull or offline else pull_options())
+    resolved = options.resolve(model, no_pull)
     text = read_prompt(prompt or [])
 
-    from llmrun.engine import Engine, GenerationRequest, LoadOptions, SamplingParams
+    from llmrun.engine import GenerationRequest
 
-    options = LoadOptions(
-        n_ctx=ctx,
-        n_threads=threads or settings.threads,
-        gpu_layers=gpu_layers or settings.gpu_layers,
-        debug=settings.debug,
-    )
-    with Engine(resolved.path, options) as engine:
-        if verbose:
-            notice(
-                f"loaded {resolved.name} ({engine.model.description}) from {resolved.path}; "
-                f"{engine.context_choice.reason}; {engine.n_threads} threads; {engine.model.n_gpu_layers} GPU layers"
-            )
-            if not raw and not engine.model.chat_template:
-                notice("the model has no chat template: sending the prompt as plain text")
+    with options.open_engine(resolved, ctx, threads, gpu_layers, verbose) as engine:
+        if verbose and not raw and not engine.model.chat_template:
+            notice("the model has no chat template: sending the prompt as plain text")
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
         prompt_tokens = (
             engine.raw_prompt("\n\n".join(m["content"] for m in messages)) if raw else engine.chat_prompt(messages)
         )
         request = GenerationRequest(
             prompt_tokens=tuple(prompt_tokens),
-            sampling=SamplingParams(
-                temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed
-            ),
+            sampling=options.sampling_params(temperature, top_p, top_k, min_p, repeat_penalty, seed),
             max_tokens=max_tokens,
             stop=tuple(stop or ()),
             ignore_eos=ignore_eos,

@@ -7,15 +7,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmrun.engine.native import llama_cpp
-
-# llama.cpp's defaults (common/common.h), but for the repeat penalty: 1.1 as in Ollama,
-# which keeps small models out of loops.
-DEFAULT_TEMPERATURE = 0.8
-DEFAULT_TOP_K = 40
-DEFAULT_TOP_P = 0.95
-DEFAULT_MIN_P = 0.05
-DEFAULT_REPEAT_PENALTY = 1.1
-DEFAULT_REPEAT_LAST_N = 64
+from llmrun.settings import (
+    DEFAULT_MIN_P,
+    DEFAULT_REPEAT_LAST_N,
+    DEFAULT_REPEAT_PENALTY,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_K,
+    DEFAULT_TOP_P,
+)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,83 @@
+"""Options shared by `run` and `chat`, and the one way both of them open a model."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from llmrun.cli.output import notice
+from llmrun.settings import env_flag, get_settings
+
+if TYPE_CHECKING:
+    from llmrun.engine import Engine, SamplingParams
+    from llmrun.models import ResolvedModel
+
+System = Annotated[str | None, typer.Option("--system", "-s", help="System prompt.")]
+Temperature = Annotated[float, typer.Option("--temperature", "-t", min=0.0, help="0 is greedy.")]
+TopP = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)]
+TopK = Annotated[int, typer.Option("--top-k", min=0, help="0 disables.")]
+MinP = Annotated[float, typer.Option("--min-p", min=0.0, max=1.0)]
+RepeatPenalty = Annotated[float, typer.Option("--repeat-penalty", min=0.0, help="1.0 disables.")]
+Seed = Annotated[
+    int | None, typer.Option("--seed", min=0, max=2**32 - 2, help="For repeatable sampling [default: random].")
+]
+MaxTokens = Annotated[
+    int | None, typer.Option("--max-tokens", "-n", min=1, help="Stop after this many tokens [default: no limit].")
+]
+Stop = Annotated[list[str] | None, typer.Option("--stop", help="Stop at this text (repeatable); it is not printed.")]
+Ctx = Annotated[
+    int | None,
+    typer.Option("--ctx", "-c", min=16, help="Context size in tokens [default: the model's, capped to fit memory]."),
+]
+Threads = Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads [default: physical cores].")]
+GpuLayers = Annotated[
+    str | None, typer.Option("--gpu-layers", "-ngl", help="Layers on the GPU: a number, or auto [default: auto].")
+]
+NoPull = Annotated[
+    bool, typer.Option("--no-pull", help="Fail instead of pulling a catalog or Hub model that is not here yet.")
+]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Say what was loaded and how fast it ran, on stderr.")]
+
+
+def sampling_params(
+    temperature: float, top_p: float, top_k: int, min_p: float, repeat_penalty: float, seed: int | None
+) -> SamplingParams:
+    from llmrun.engine import SamplingParams
+
+    return SamplingParams(
+        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed
+    )
+
+
+def resolve(model: str, no_pull: bool) -> ResolvedModel:
+    """A model reference to a loadable file, pulling it first unless --no-pull or HF_HUB_OFFLINE."""
+    from llmrun.cli.models import pull_options
+    from llmrun.models import resolve_or_pull
+    from llmrun.store import Store
+
+    offline = env_flag(os.environ.get("HF_HUB_OFFLINE"))
+    return resolve_or_pull(Store(get_settings().home), model, None if no_pull or offline else pull_options())
+
+
+def open_engine(
+    resolved: ResolvedModel, ctx: int | None, threads: int | None, gpu_layers: str | None, verbose: bool
+) -> Engine:
+    """Load the model with the user's resource options (environment defaults otherwise)."""
+    from llmrun.engine import Engine, LoadOptions
+
+    settings = get_settings()
+    options = LoadOptions(
+        n_ctx=ctx,
+        n_threads=threads or settings.threads,
+        gpu_layers=gpu_layers or settings.gpu_layers,
+        debug=settings.debug,
+    )
+    engine = Engine(resolved.path, options)
+    if verbose:
+        notice(
+            f"loaded {resolved.name} ({engine.model.description}) from {resolved.path}; "
+            f"{engine.context_choice.reason}; {engine.n_threads} threads; {engine.model.n_gpu_layers} GPU layers"
+        )
+    return engine
