@@ -223,7 +223,7 @@ def test_split_model_imports_as_one_and_runs(cli: Cli, tmp_path: Path, home: Pat
     ]
     assert len({Path(stored["path"]).parent for stored in entry["files"]}) == 1  # side by side for llama.cpp
     assert entry["info"]["parameter_count"] == 108_224
-    result = cli("run", "split", "hello", "-n", "3", "--json")
+    result = cli("run", "split", "hello", "-n", "3", "--json", "--no-log")
     assert result.returncode == 0, result.stderr
     assert result.json()["completion_tokens"] == 3
     assert cli("rm", "split", "-y").returncode == 0

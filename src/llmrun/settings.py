@@ -31,6 +31,7 @@ ENV_VARS: tuple[EnvVar, ...] = (
 )
 
 APP_NAME = "llmrun"
+DEFAULT_MODEL = "smollm2"
 # KV cache may take at most this share of available memory when the context is
 # sized automatically; the rest is for the weights, compute buffers and the OS.
 KV_CACHE_MEMORY_SHARE = 0.5
@@ -54,7 +55,22 @@ class Settings:
     threads: int | None
     gpu_layers: str
     debug: bool
+    default_model: str
+    no_log: bool
     hf_cache: Path | None  # LLMRUN_HF_CACHE: a shared Hugging Face cache, never pruned by llmrun
+
+    @property
+    def logs_path(self) -> Path:
+        return self.home / "logs.db"
+
+    @property
+    def history_path(self) -> Path:
+        """Chat input history, in the platform's state dir (beside the store when LLMRUN_HOME is set)."""
+        if os.environ.get("LLMRUN_HOME", "").strip():
+            return self.home / "chat_history"
+        from platformdirs import user_state_path
+
+        return user_state_path(APP_NAME, appauthor=False) / "chat_history"
 
     @property
     def hub_cache(self) -> Path:
@@ -97,6 +113,8 @@ def get_settings() -> Settings:
         threads=_env_int("LLMRUN_THREADS"),
         gpu_layers=os.environ.get("LLMRUN_GPU_LAYERS", "").strip() or "auto",
         debug=env_flag(os.environ.get("LLMRUN_DEBUG")),
+        default_model=os.environ.get("LLMRUN_DEFAULT_MODEL", "").strip() or DEFAULT_MODEL,
+        no_log=env_flag(os.environ.get("LLMRUN_NO_LOG")),
         hf_cache=Path(hf_cache).expanduser().resolve()
         if (hf_cache := os.environ.get("LLMRUN_HF_CACHE", "").strip())
         else None,

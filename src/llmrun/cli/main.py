@@ -45,10 +45,12 @@ def _root(
 
 
 def _register_commands() -> None:
-    from llmrun.cli import models, run
+    from llmrun.cli import chat, logs, models, run
 
     models.register(app)
     run.register(app)
+    app.command("chat")(chat.chat_command)
+    app.command("logs")(logs.logs_command)
 
 
 def _debug_enabled() -> bool:

@@ -17,10 +17,11 @@ from llmrun.settings import (
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_K,
     DEFAULT_TOP_P,
+    get_settings,
 )
 
 if TYPE_CHECKING:
-    from llmrun.engine import Engine, Generation, GenerationRequest
+    from llmrun.engine import Engine, Generation, GenerationRequest, GenerationResult
 
 
 def read_prompt(words: list[str]) -> str:
@@ -104,6 +105,7 @@ def run_command(
         bool, typer.Option("--json", help="Print one JSON object: text, token counts, timings.")
     ] = False,
     no_pull: options.NoPull = False,
+    no_log: Annotated[bool, typer.Option("--no-log", help="Do not log this exchange.")] = False,
     verbose: options.Verbose = False,
 ) -> None:
     """Answer one prompt, streaming the answer to stdout."""
@@ -126,10 +128,35 @@ def run_command(
             stop=tuple(stop or ()),
             ignore_eos=ignore_eos,
         )
-        _generate(engine, request, resolved.name, verbose=verbose, json_output=json_output)
+        result = _generate(engine, request, resolved.name, verbose=verbose, json_output=json_output)
+        if not (no_log or get_settings().no_log):
+            _log(resolved.name, text, system, request, result)
 
 
-def _generate(engine: Engine, request: GenerationRequest, model_name: str, *, verbose: bool, json_output: bool) -> None:
+def _log(
+    model_name: str, prompt: str, system: str | None, request: GenerationRequest, result: GenerationResult
+) -> None:
+    """Every `run` is a one-exchange conversation in the log."""
+    from llmrun.logs import Exchange, LogStore
+
+    store = LogStore(get_settings().logs_path)
+    options_used = {key: value for key, value in request.sampling.__dict__.items() if value is not None}
+    if request.max_tokens:
+        options_used["max_tokens"] = request.max_tokens
+    store.log(
+        store.new_conversation(model_name),
+        Exchange(
+            model=model_name, prompt=prompt, system=system, options=options_used, response=result.text,
+            finish_reason=result.finish_reason, prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens, time_to_first_token_s=result.time_to_first_token_s,
+            generation_tokens_per_s=result.generation_tokens_per_s,
+        ),
+    )  # fmt: skip
+
+
+def _generate(
+    engine: Engine, request: GenerationRequest, model_name: str, *, verbose: bool, json_output: bool
+) -> GenerationResult:
     generation = engine.generate(request)
     interrupted = False
     try:
@@ -151,6 +178,7 @@ def _generate(engine: Engine, request: GenerationRequest, model_name: str, *, ve
     _report(engine, generation, model_name, verbose, json_output)
     if interrupted:
         raise typer.Exit(ExitCode.INTERRUPTED)
+    return generation.result
 
 
 def register(app: typer.Typer) -> None:
