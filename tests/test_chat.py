@@ -201,3 +201,10 @@ def test_history_is_kept_across_sessions(chat_cli: Cli, home: Path) -> None:
     again.child.sendline("")
     again.child.expect(PROMPT)
     again.bye()
+
+
+def test_pasted_lines_arrive_as_one_message(repl: Repl, chat_cli: Cli) -> None:
+    repl.child.send("first pasted line\rsecond pasted line\r")  # one write, as a terminal delivers a paste
+    repl.child.expect(PROMPT)
+    repl.bye()
+    assert [entry["prompt"] for entry in logged(chat_cli)] == ["first pasted line\nsecond pasted line"]
