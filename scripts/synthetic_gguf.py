@@ -145,8 +145,10 @@ def write_model(
 def quantize(source: Path, target: Path, quant: str, threads: int = 0) -> Path:
     """Quantize with llama.cpp's own ``llama_model_quantize`` (e.g. ``Q4_0``, ``Q4_K_M``, ``Q8_0``)."""
     import gguf
-    import llama_cpp
 
+    from llmrun.engine.native import init_native
+
+    llama_cpp = init_native()  # llama.cpp's log lines go to llmrun's quiet log, not the terminal
     file_type = gguf.LlamaFileType[f"MOSTLY_{quant.upper()}"]
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(file_type)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -23,6 +24,9 @@ from llmrun.settings import (
 
 if TYPE_CHECKING:
     from llmrun.chat import ChatSession, PendingReply
+    from llmrun.engine import Engine
+
+    Reopen = Callable[[str], tuple[Engine, str]]
 
 PROMPT = ">>> "
 CONTINUATION = "... "
@@ -171,7 +175,7 @@ def _context_text(session: ChatSession) -> str:
     return f"context: {used} of {capacity} tokens ({used * 100 // max(capacity, 1)}%), {len(session.turns)} exchange(s)"
 
 
-def handle_command(session: ChatSession, line: str, reopen: object) -> PendingReply | bool | None:
+def handle_command(session: ChatSession, line: str, reopen: Reopen) -> PendingReply | bool | None:
     """Run a slash command. Returns a reply to stream (/regen), False to leave, None otherwise."""
     command, _, argument = line[1:].strip().partition(" ")
     argument = argument.strip()
@@ -222,7 +226,7 @@ def handle_command(session: ChatSession, line: str, reopen: object) -> PendingRe
     elif command == "model":
         if not argument:
             raise LlmrunError("/model needs a model name", "see `llmrun list`")
-        engine, name = reopen(argument)  # type: ignore[operator]
+        engine, name = reopen(argument)
         session.switch_engine(engine, name)
         notice(f"now chatting with {name}")
     elif command == "regen":
@@ -288,13 +292,13 @@ def chat_command(
             logged = log.responses(conversation_id=resume, limit=1)
             model = logged[0].exchange.model if logged else None
 
-    def reopen(reference: str) -> tuple[object, str]:
+    def reopen(reference: str) -> tuple[Engine, str]:
         resolved = options.resolve(reference, no_pull)
         return options.open_engine(resolved, ctx, threads, gpu_layers, verbose), resolved.name
 
     engine, name = reopen(model or settings.default_model)
     session = ChatSession(
-        engine=engine,  # type: ignore[arg-type]
+        engine=engine,
         model_name=name,
         sampling=options.sampling_params(temperature, top_p, top_k, min_p, repeat_penalty, seed),
         max_tokens=max_tokens,
@@ -312,7 +316,7 @@ def chat_command(
         session.engine.close()
 
 
-def _repl(session: ChatSession, renderer: Renderer, reopen: object) -> None:
+def _repl(session: ChatSession, renderer: Renderer, reopen: Reopen) -> None:
     interactive = sys.stdin.isatty()
     reader = LineReader(interactive, get_settings().history_path)
     if interactive:

@@ -45,12 +45,13 @@ def _root(
 
 
 def _register_commands() -> None:
-    from llmrun.cli import chat, logs, models, run
+    from llmrun.cli import bench, chat, logs, models, run
 
     models.register(app)
     run.register(app)
     app.command("chat")(chat.chat_command)
     app.command("logs")(logs.logs_command)
+    app.command("bench")(bench.bench_command)
 
 
 def _debug_enabled() -> bool:

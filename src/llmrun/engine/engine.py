@@ -19,6 +19,16 @@ DEFAULT_N_BATCH = 2048
 DEFAULT_N_UBATCH = 512
 
 
+GGML_CACHE_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
+
+
+def _ggml_type(name: str) -> int:
+    """A KV cache type name (as llama.cpp's --cache-type-k takes it) to its ggml_type number."""
+    if name.lower() not in GGML_CACHE_TYPES:
+        raise UsageError(f"unknown KV cache type {name!r}", f"use one of {', '.join(GGML_CACHE_TYPES)}")
+    return int(getattr(llama_cpp, f"GGML_TYPE_{name.upper()}"))
+
+
 @dataclass(frozen=True)
 class LoadOptions:
     """How to load a model and size its context."""
@@ -29,6 +39,9 @@ class LoadOptions:
     n_slots: int = 1
     n_batch: int = DEFAULT_N_BATCH
     n_ubatch: int = DEFAULT_N_UBATCH
+    cache_type_k: str = "f16"  # a ggml type name: f16, q8_0, q4_0, ...
+    cache_type_v: str = "f16"
+    flash_attn: bool | None = None  # None: llama.cpp decides (auto)
     debug: bool = False
 
 
@@ -124,6 +137,8 @@ class Engine:
         self.ctx: Any = self._create_context(options)
         # llama.cpp pads the context (to 256); the limit we enforce is the size chosen, so --ctx means what it says.
         allocated_per_slot = int(llama_cpp.llama_n_ctx(self.ctx)) // options.n_slots
+        self._one_token = (llama_cpp.llama_token * 1)()
+        self._one_token_batch = llama_cpp.llama_batch_get_one(self._one_token, 1)
         self.scheduler = Scheduler(
             self.model,
             self.ctx,
@@ -140,6 +155,9 @@ class Engine:
         params.n_seq_max = options.n_slots
         params.n_threads = self.n_threads
         params.n_threads_batch = self.n_threads
+        params.type_k = _ggml_type(options.cache_type_k)
+        params.type_v = _ggml_type(options.cache_type_v)
+        params.flash_attn_type = {None: -1, False: 0, True: 1}[options.flash_attn]  # llama_flash_attn_type
         params.no_perf = True
         NATIVE_LOG.clear_errors()
         ctx = llama_cpp.llama_init_from_model(self.model.handle, params)
@@ -149,7 +167,7 @@ class Engine:
             raise ModelLoadError(
                 f"llama.cpp could not create a context of {self.context_choice.n_ctx} tokens"
                 + (f": {detail}" if detail else ""),
-                "try a smaller --ctx",
+                "try a smaller --ctx, or other KV cache options",
             )
         return ctx
 
@@ -196,6 +214,28 @@ class Engine:
             raise UsageError(f"max tokens must be at least 1, not {request.max_tokens}", "leave it out for no limit")
         self.check_fits(list(request.prompt_tokens))
         return Generation(self.scheduler, self.scheduler.submit(request))
+
+    # -- raw decoding, for benchmarks ---------------------------------------------
+
+    def clear_memory(self) -> None:
+        """Empty the KV cache of every sequence."""
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), False)
+        self.scheduler.slot_tokens = [[] for _ in self.scheduler.slot_tokens]
+
+    def decode(self, tokens: list[int]) -> None:
+        """Evaluate tokens on sequence 0 after what it holds, in one ``llama_decode`` (as llama-bench does)."""
+        if len(tokens) == 1:  # the generation loop: no allocation per token
+            self._one_token[0] = tokens[0]
+            batch = self._one_token_batch
+        else:
+            array = (llama_cpp.llama_token * len(tokens))(*tokens)
+            batch = llama_cpp.llama_batch_get_one(array, len(tokens))
+        status = llama_cpp.llama_decode(self.ctx, batch)
+        if status != 0:
+            raise ModelLoadError(f"llama_decode failed with {status}", "try a smaller batch, or a larger --ctx")
+
+    def synchronize(self) -> None:
+        llama_cpp.llama_synchronize(self.ctx)
 
     def close(self) -> None:
         self.scheduler.close()

@@ -60,6 +60,8 @@ class Model:
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
         self.chat_template = self._meta_string("tokenizer.chat_template")
         self.description = self._description()
+        self.size_bytes = int(llama_cpp.llama_model_size(handle))
+        self.n_params = int(llama_cpp.llama_model_n_params(handle))
         self._piece_buffer = ctypes.create_string_buffer(256)
         self._piece_cache = lru_cache(maxsize=65536)(self._token_bytes_uncached)
 
