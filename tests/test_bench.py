@@ -5,6 +5,12 @@ from __future__ import annotations
 import csv
 import io
 import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -96,3 +102,60 @@ def test_unknown_model_is_not_found(bench_cli: Cli) -> None:
     result = bench_cli("bench", "no-such-model", "--no-pull")
     assert result.returncode == 3
     assert_one_line_error(result.stderr, "no-such-model")
+
+
+@pytest.fixture
+def openai_server(tiny_model: Path) -> Iterator[str]:
+    """llama-cpp-python's own OpenAI-compatible server on 127.0.0.1 (queueing, not interrupting, requests)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "llama_cpp.server", "--model", str(tiny_model), "--host", "127.0.0.1",
+         "--port", str(port), "--n_ctx", "512", "--interrupt_requests", "False"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"{url}/v1/models", timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        process.kill()
+        pytest.fail("llama_cpp.server did not start")
+    yield url
+    process.terminate()
+    process.wait(timeout=10)
+
+
+def test_load_test_of_an_openai_server_reports_every_request(cli: Cli, openai_server: str, tmp_path: Path) -> None:
+    plot = tmp_path / "load.png"
+    result = cli("bench", "--server", openai_server, "-c", "1,2", "--requests", "4", "-n", "8", "-o", "json",
+                 "--plot", str(plot))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = result.json()
+    assert [(row["concurrency"], row["requests"], row["errors"]) for row in rows] == [(1, 4, 0), (2, 4, 0)]
+    for row in rows:
+        assert row["output_tokens"] > 0 and row["tokens_per_s"] > 0 and row["requests_per_s"] > 0
+        assert 0 < row["ttft_p50_ms"] <= row["ttft_p95_ms"] <= row["ttft_p99_ms"]
+        assert row["itl_p50_ms"] <= row["itl_p99_ms"]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    markdown = cli("bench", "--server", f"{openai_server}/v1/", "-c", "1", "--requests", "2", "-n", "4").stdout
+    assert markdown.startswith("| concurrency | requests | errors | tok/s |")
+
+
+def test_an_unreachable_server_is_one_line(cli: Cli) -> None:
+    result = cli("bench", "--server", "http://127.0.0.1:9", "-c", "1")
+    assert result.returncode == 1
+    assert_one_line_error(result.stderr, "cannot reach an OpenAI-compatible server", "127.0.0.1:9")
+    assert cli("bench", "--server", "ftp://x").returncode == 2
+
+
+def test_a_thread_sweep_can_be_plotted(bench_cli: Cli, tmp_path: Path) -> None:
+    plot = tmp_path / "threads.png"
+    result = bench_cli("bench", "tiny", "-p", "8", "-n", "", "-t", "1,2", "-r", "1", "--plot", str(plot))
+    assert result.returncode == 0, result.stderr
+    assert plot.stat().st_size > 1000

@@ -111,6 +111,54 @@ def _emit(rows: list[dict[str, Any]], output: str, compare: dict[tuple[Any, ...]
         for row in rows:
             before = compare.get(_key(row))
             row["compare_ratio"] = row["avg_ts"] / before if before else None
+    if output == "csv":
+        fields = [*CSV_FIELDS, *(["compare_ratio"] if compare else [])]
+        rows = [{field: row.get(field) for field in fields} for row in rows]
+    _write_rows(rows, output, _markdown(rows, compare) if output not in ("json", "jsonl", "csv") else "")
+
+
+def _load_markdown(rows: list[dict[str, Any]]) -> str:
+    headers = ["concurrency", "requests", "errors", "tok/s", "req/s", "TTFT p50/p95/p99 ms", "ITL p50/p95/p99 ms"]
+    lines = ["| " + " | ".join(headers) + " |", "|" + " ---: |" * len(headers)]
+    for row in rows:
+        lines.append(
+            f"| {row['concurrency']} | {row['requests']} | {row['errors']} | {row['tokens_per_s']:.2f} | "
+            f"{row['requests_per_s']:.2f} | "
+            f"{row['ttft_p50_ms']:.0f} / {row['ttft_p95_ms']:.0f} / {row['ttft_p99_ms']:.0f} | "
+            f"{row['itl_p50_ms']:.1f} / {row['itl_p95_ms']:.1f} / {row['itl_p99_ms']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _plot(rows: list[dict[str, Any]], path: Path, load: bool) -> None:
+    """Tokens/s against concurrency (load) or threads (models), one line per series."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UsageError("--plot needs matplotlib", "pip install 'llmrun[plot]'") from None
+    series: dict[str, list[tuple[float, float]]] = {}
+    for row in rows:
+        if load:
+            series.setdefault(row["model"], []).append((row["concurrency"], row["tokens_per_s"]))
+        else:
+            series.setdefault(f"{row['model_type']} {row['test']}", []).append((row["n_threads"], row["avg_ts"]))
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for label, points in series.items():
+        points.sort()
+        axes.plot([x for x, _ in points], [y for _, y in points], marker="o", label=label)
+    axes.set_xlabel("concurrent requests" if load else "threads")
+    axes.set_ylabel("tokens/s")
+    axes.grid(True, alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    notice(f"plot written to {path}")
+
+
+def _write_rows(rows: list[dict[str, Any]], output: str, markdown: str) -> None:
     if output == "json":
         print_json(rows)
     elif output == "jsonl":
@@ -118,25 +166,43 @@ def _emit(rows: list[dict[str, Any]], output: str, compare: dict[tuple[Any, ...]
             sys.stdout.write(json.dumps(row) + "\n")
     elif output == "csv":
         buffer = io.StringIO()
-        writer = csv.DictWriter(
-            buffer, fieldnames=[*CSV_FIELDS, *(["compare_ratio"] if compare else [])], extrasaction="ignore"
-        )
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
         sys.stdout.write(buffer.getvalue())
     elif output == "md" or not sys.stdout.isatty():
-        sys.stdout.write(_markdown(rows, compare))
+        sys.stdout.write(markdown)
     else:
         from rich.console import Console
         from rich.markdown import Markdown
 
-        Console().print(Markdown(_markdown(rows, compare)))
+        Console().print(Markdown(markdown))
+
+
+def _bench_server(
+    server: str, model: str | None, concurrency: str, requests: int | None, max_tokens: int, api_key: str | None,
+    output: str, plot: Path | None,
+) -> None:  # fmt: skip
+    from llmrun.loadtest import api_base, first_model, run_load
+
+    base = api_base(server)
+    levels = _ints("-c", concurrency)
+    model_id = model or first_model(base, api_key)
+    rows = []
+    for level in levels:
+        if sys.stderr.isatty():
+            notice(f"{level} concurrent request(s) against {base}")
+        rows.append(run_load(base, model_id, level, requests or 4 * level, max_tokens, api_key=api_key).to_dict())
+    _write_rows(rows, output, _load_markdown(rows))
+    if plot is not None:
+        _plot(rows, plot, load=True)
 
 
 def bench_command(
     models: Annotated[
-        list[str], typer.Argument(help="Models to measure (names, paths or Hub references).", metavar="MODEL...")
-    ],
+        list[str] | None,
+        typer.Argument(help="Models to measure (names, paths or Hub references).", metavar="[MODEL]..."),
+    ] = None,
     n_prompt: Annotated[str, typer.Option("-p", "--n-prompt", help="Prompt lengths, comma-separated.")] = "512",
     n_gen: Annotated[str, typer.Option("-n", "--n-gen", help="Generation lengths, comma-separated.")] = "128",
     prompt_gen: Annotated[str, typer.Option("-pg", help="Prompt and generation together: pp,tg pairs.")] = "",
@@ -158,11 +224,36 @@ def bench_command(
     compare: Annotated[
         Path | None, typer.Option("--compare", help="A JSON result to compare with (ratio column).")
     ] = None,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="Draw tokens/s against threads or concurrency into a PNG.")
+    ] = None,
+    server: Annotated[
+        str | None, typer.Option("--server", help="Load-test this OpenAI-compatible server instead.")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", help="With --server: the model to ask for [default: its first].")
+    ] = None,
+    concurrency: Annotated[
+        str, typer.Option("-c", "--concurrency", help="With --server: concurrent requests.")
+    ] = "1,2,4",
+    requests: Annotated[
+        int | None,
+        typer.Option("--requests", min=1, help="With --server: requests per level [default: 4 x concurrency]."),
+    ] = None,
+    api_key: Annotated[str | None, typer.Option("--api-key", help="With --server: a bearer token.")] = None,
     no_pull: options.NoPull = False,
 ) -> None:
-    """Measure prompt processing (pp) and generation (tg) speed the way llama-bench does."""
+    """Measure prompt (pp) and generation (tg) speed like llama-bench, or load-test a server (--server)."""
     if output not in FORMATS:
         raise UsageError(f"unknown output format {output!r}", f"use one of {', '.join(FORMATS)}")
+    if server is not None:
+        if models:
+            raise UsageError("give either models or --server, not both", "llmrun bench --server URL --model NAME")
+        lengths = _ints("-n", n_gen)
+        _bench_server(server, model, concurrency, requests, lengths[0] if lengths else 128, api_key, output, plot)
+        return
+    if not models:
+        raise UsageError("no model to measure", "llmrun bench MODEL, or llmrun bench --server URL")
     from llmrun.bench import BenchTest, run_benchmarks
     from llmrun.machine import physical_cores
 
@@ -184,3 +275,5 @@ def bench_command(
     progress = notice if sys.stderr.isatty() else None
     rows = list(run_benchmarks([(r.name, r.path) for r in resolved], tests, repetitions, progress))
     _emit(rows, output, previous)
+    if plot is not None:
+        _plot(rows, plot, load=False)
