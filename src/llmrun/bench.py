@@ -44,6 +44,12 @@ class BenchTest:
         return f"pp{self.n_prompt}" if self.n_prompt else f"tg{self.n_gen}"
 
 
+def _binding_version() -> str:
+    from importlib.metadata import version
+
+    return version("llama-cpp-python")
+
+
 def _cpu_info() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -105,8 +111,10 @@ def row(model_path: Path, info: dict[str, Any], test: BenchTest, samples_ns: lis
     tokens = test.n_prompt + test.n_gen
     samples_ts = [tokens * 1e9 / ns for ns in samples_ns]
     return {
-        "build_commit": f"llmrun-{__version__}",
+        # llama-bench records llama.cpp's git commit; the Python binding pins it through its own version.
+        "build_commit": f"llama-cpp-python {_binding_version()}",
         "build_number": 0,
+        "llmrun_version": __version__,
         "cpu_info": _cpu_info(),
         "gpu_info": "",
         "backends": backend,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 from llmrun.engine import Engine, Generation, GenerationRequest, GenerationResult, SamplingParams
 from llmrun.errors import PromptTooLong, UsageError
@@ -110,19 +109,11 @@ class ChatSession:
         if self.log is not None:
             if self.conversation_id is None:
                 self.conversation_id = self.log.new_conversation(self.model_name)
-            self.log.log(self.conversation_id, self._exchange(reply.user_text, result))
+            exchange = Exchange.of(
+                self.model_name, reply.user_text, self.system, self.sampling, self.max_tokens, result
+            )
+            self.log.log(self.conversation_id, exchange)
         return result
-
-    def _exchange(self, prompt: str, result: GenerationResult) -> Exchange:
-        options: dict[str, Any] = {key: value for key, value in self.sampling.__dict__.items() if value is not None}
-        if self.max_tokens:
-            options["max_tokens"] = self.max_tokens
-        return Exchange(
-            model=self.model_name, prompt=prompt, system=self.system, options=options, response=result.text,
-            finish_reason=result.finish_reason, prompt_tokens=result.prompt_tokens,
-            completion_tokens=result.completion_tokens, time_to_first_token_s=result.time_to_first_token_s,
-            generation_tokens_per_s=result.generation_tokens_per_s,
-        )  # fmt: skip
 
     # -- what the slash commands do ---------------------------------------------
 

@@ -68,6 +68,21 @@ class Exchange:
     time_to_first_token_s: float
     generation_tokens_per_s: float
 
+    @classmethod
+    def of(
+        cls, model: str, prompt: str, system: str | None, sampling: Any, max_tokens: int | None, result: Any
+    ) -> Exchange:
+        """The record of one generation (``sampling`` a SamplingParams, ``result`` a GenerationResult)."""
+        options = {key: value for key, value in vars(sampling).items() if value is not None}
+        if max_tokens:
+            options["max_tokens"] = max_tokens
+        return cls(
+            model=model, prompt=prompt, system=system, options=options, response=result.text,
+            finish_reason=result.finish_reason, prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens, time_to_first_token_s=result.time_to_first_token_s,
+            generation_tokens_per_s=result.generation_tokens_per_s,
+        )  # fmt: skip
+
 
 @dataclass(frozen=True)
 class LoggedResponse:

@@ -140,18 +140,8 @@ def _log(
     from llmrun.logs import Exchange, LogStore
 
     store = LogStore(get_settings().logs_path)
-    options_used = {key: value for key, value in request.sampling.__dict__.items() if value is not None}
-    if request.max_tokens:
-        options_used["max_tokens"] = request.max_tokens
-    store.log(
-        store.new_conversation(model_name),
-        Exchange(
-            model=model_name, prompt=prompt, system=system, options=options_used, response=result.text,
-            finish_reason=result.finish_reason, prompt_tokens=result.prompt_tokens,
-            completion_tokens=result.completion_tokens, time_to_first_token_s=result.time_to_first_token_s,
-            generation_tokens_per_s=result.generation_tokens_per_s,
-        ),
-    )  # fmt: skip
+    exchange = Exchange.of(model_name, prompt, system, request.sampling, request.max_tokens, result)
+    store.log(store.new_conversation(model_name), exchange)
 
 
 def _generate(
