@@ -179,6 +179,26 @@ def _write_rows(rows: list[dict[str, Any]], output: str, markdown: str) -> None:
         Console().print(Markdown(markdown))
 
 
+def _run_with_progress(work: Any) -> Any:
+    """Run ``work(progress)``; on a terminal, ``progress`` rewrites one status line on stderr.
+
+    No spinner thread: a thread waking up during a measurement takes the GIL between
+    llama_decode calls and slows small models down many times over.
+    """
+    if not sys.stderr.isatty():
+        return work(None)
+
+    def show(text: str) -> None:
+        sys.stderr.write(f"\r\x1b[2K{text}")
+        sys.stderr.flush()
+
+    try:
+        return work(show)
+    finally:
+        sys.stderr.write("\r\x1b[2K")
+        sys.stderr.flush()
+
+
 def _bench_server(
     server: str, model: str | None, concurrency: str, requests: int | None, max_tokens: int, api_key: str | None,
     output: str, plot: Path | None,
@@ -272,8 +292,9 @@ def bench_command(
         )
     ]  # fmt: skip
     resolved = [options.resolve(model, no_pull) for model in models]
-    progress = notice if sys.stderr.isatty() else None
-    rows = list(run_benchmarks([(r.name, r.path) for r in resolved], tests, repetitions, progress))
+    rows = _run_with_progress(lambda progress: list(
+        run_benchmarks([(r.name, r.path) for r in resolved], tests, repetitions, progress)
+    ))  # fmt: skip
     _emit(rows, output, previous)
     if plot is not None:
         _plot(rows, plot, load=False)
