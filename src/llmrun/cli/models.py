@@ -1,4 +1,7 @@
-"""Store commands: ``import``, ``pull``, ``list``, ``show``, ``rm``. None of them imports llama_cpp."""
+"""Store commands: ``import``, ``pull``, ``list``, ``show``, ``rm``, ``catalog``, ``prune``.
+
+None of them imports llama_cpp (a test checks): they stay fast and work without it.
+"""
 
 from __future__ import annotations
 
@@ -76,15 +79,7 @@ def _print_quants(quants: RepoQuants, to_stderr: bool = False) -> None:
          choice.first.path + (f" (+{len(choice.files) - 1} parts)" if len(choice.files) > 1 else "")]
         for index, choice in enumerate(quants.choices, start=1)
     ]  # fmt: skip
-    headers = ["#", "QUANT", "SIZE", "FITS", "NOTE", "FILE"]
-    if to_stderr:
-        widths = [max(len(row[column]) for row in [headers, *rows]) for column in range(len(headers))]
-        for row in [headers, *rows]:
-            sys.stderr.write(
-                "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() + "\n"
-            )
-        return
-    print_rows(headers, rows)
+    print_rows(["#", "QUANT", "SIZE", "FITS", "NOTE", "FILE"], rows, sys.stderr if to_stderr else None)
 
 
 def pull_options(*, quiet: bool = False, update: bool = False) -> PullOptions:

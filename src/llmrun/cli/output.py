@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+from typing import Any, TextIO
 
 
 def stdout_is_tty() -> bool:
@@ -44,12 +44,13 @@ def format_count(count: int) -> str:
     return str(count)
 
 
-def print_rows(headers: list[str], rows: list[list[str]]) -> None:
+def print_rows(headers: list[str], rows: list[list[str]], stream: TextIO | None = None) -> None:
     """A table: aligned columns on a terminal, tab-separated in a pipe (for cut and awk)."""
-    if not stdout_is_tty():
+    stream = stream or sys.stdout
+    if not stream.isatty():
         for row in [headers, *rows]:
-            sys.stdout.write("\t".join(row) + "\n")
+            stream.write("\t".join(row) + "\n")
         return
     widths = [max(len(row[column]) for row in [headers, *rows]) for column in range(len(headers))]
     for row in [headers, *rows]:
-        sys.stdout.write("   ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() + "\n")
+        stream.write("   ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() + "\n")
