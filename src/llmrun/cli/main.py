@@ -44,14 +44,38 @@ def _root(
         get_settings.cache_clear()
 
 
-def _register_commands() -> None:
-    from llmrun.cli import bench, chat, logs, models, run
+# Command name -> (module, function). Only the command being run is built: typer builds every
+# option of every registered command at start-up, and `llmrun list` must stay fast.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "pull": ("llmrun.cli.models", "pull_command"),
+    "import": ("llmrun.cli.models", "import_command"),
+    "list": ("llmrun.cli.models", "list_command"),
+    "show": ("llmrun.cli.models", "show_command"),
+    "rm": ("llmrun.cli.models", "rm_command"),
+    "catalog": ("llmrun.cli.models", "catalog_command"),
+    "prune": ("llmrun.cli.models", "prune_command"),
+    "run": ("llmrun.cli.run", "run_command"),
+    "chat": ("llmrun.cli.chat", "chat_command"),
+    "logs": ("llmrun.cli.logs", "logs_command"),
+    "bench": ("llmrun.cli.bench", "bench_command"),
+}
+ALIASES = {"ls": "list"}
 
-    models.register(app)
-    run.register(app)
-    app.command("chat")(chat.chat_command)
-    app.command("logs")(logs.logs_command)
-    app.command("bench")(bench.bench_command)
+
+def _register_commands(args: list[str]) -> None:
+    """Register the command named in ``args``, or all of them (for --help and for a mistyped name)."""
+    import importlib
+
+    requested = next((arg for arg in args if not arg.startswith("-")), None)
+    wanted = ALIASES.get(requested or "", requested)
+    names = [wanted] if wanted in COMMANDS else list(COMMANDS)
+    for name in names:
+        module, function = COMMANDS[name]
+        command = getattr(importlib.import_module(module), function)
+        app.command(name)(command)
+        for alias, target in ALIASES.items():
+            if target == name:
+                app.command(alias, hidden=True)(command)
 
 
 def _debug_enabled() -> bool:
@@ -80,7 +104,7 @@ def _click_error_message(error: Exception) -> str:
 
 def run_cli(args: list[str] | None = None) -> int:
     """Run the CLI and return the exit code; every user-caused error ends here as one line."""
-    _register_commands()
+    _register_commands(sys.argv[1:] if args is None else args)
     command = typer.main.get_command(app)
     try:
         result = command.main(args=args, prog_name="llmrun", standalone_mode=False)

@@ -254,14 +254,3 @@ def prune_command() -> None:
     settings = get_settings()
     removed, freed = _store().prune(None if settings.hf_cache else settings.hub_cache)
     notice(f"removed {removed} file(s), freed {format_size(freed)}")
-
-
-def register(app: typer.Typer) -> None:
-    app.command("pull")(pull_command)
-    app.command("import")(import_command)
-    app.command("list")(list_command)
-    app.command("ls", hidden=True)(list_command)
-    app.command("show")(show_command)
-    app.command("rm")(rm_command)
-    app.command("catalog")(catalog_command)
-    app.command("prune")(prune_command)

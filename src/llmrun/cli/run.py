@@ -169,7 +169,3 @@ def _generate(
     if interrupted:
         raise typer.Exit(ExitCode.INTERRUPTED)
     return generation.result
-
-
-def register(app: typer.Typer) -> None:
-    app.command("run")(run_command)
