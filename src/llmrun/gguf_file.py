@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import re
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -74,7 +74,6 @@ class GGUFFile:
     data_offset: int
     file_size: int
     alignment: int = DEFAULT_ALIGNMENT
-    split_parts: list[Path] = field(default_factory=list)
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(key, default)
@@ -262,8 +261,9 @@ class ModelInfo:
     def has_chat_template(self) -> bool:
         return bool(self.chat_template)
 
-    def to_dict(self, with_template: bool = False) -> dict[str, Any]:
-        data = {
+    def to_dict(self) -> dict[str, Any]:
+        """Everything but the template text (``show --template`` prints that)."""
+        return {
             "architecture": self.architecture,
             "name": self.name,
             "parameter_count": self.parameter_count,
@@ -277,9 +277,6 @@ class ModelInfo:
             "has_chat_template": self.has_chat_template,
             "size_bytes": self.size_bytes,
         }
-        if with_template:
-            data["chat_template"] = self.chat_template
-        return data
 
 
 def _quantization_name(files: list[GGUFFile]) -> str:

@@ -10,7 +10,7 @@ from typing import Any
 
 import llama_cpp
 
-__all__ = ["NATIVE_LOG", "init_native", "llama_cpp", "supports_gpu_offload", "system_info"]
+__all__ = ["NATIVE_LOG", "init_native", "llama_cpp", "supports_gpu_offload"]
 
 # ggml_log_level: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5 (continues the previous line).
 _LOG_ERROR = 4
@@ -72,7 +72,3 @@ def init_native(debug: bool = False) -> Any:
 
 def supports_gpu_offload() -> bool:
     return bool(llama_cpp.llama_supports_gpu_offload())
-
-
-def system_info() -> str:
-    return bytes(llama_cpp.llama_print_system_info()).decode("utf-8", errors="replace").strip()
