@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from llmrun.engine import Engine, Generation, GenerationRequest, GenerationResult, SamplingParams
-from llmrun.errors import PromptTooLong, UsageError
+from llmrun.errors import UsageError
 from llmrun.logs import Exchange, LogStore
 
 # Room kept for the answer when deciding whether old turns must go.
@@ -84,13 +84,7 @@ class ChatSession:
                 break
             self.turns.pop(0)
             dropped += 1
-        if len(prompt) >= self.engine.seq_capacity:
-            raise PromptTooLong(
-                f"this message is {len(prompt)} tokens with the system prompt, "
-                f"the context is {self.engine.seq_capacity}",
-                "shorten it, or start chat with a larger --ctx",
-            )
-        return prompt, dropped
+        return prompt, dropped  # still too long even alone: Engine.generate refuses it (PromptTooLong)
 
     def start(self, text: str) -> PendingReply:
         """Begin answering ``text`` (with any /read attachment)."""

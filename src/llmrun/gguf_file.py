@@ -229,9 +229,10 @@ def split_part_paths(first: Path) -> list[Path]:
 
 def read_model_files(first: Path) -> list[GGUFFile]:
     """Read every part of a (possibly split) model, checking that all parts are present."""
-    parts = split_part_paths(first)
-    if SPLIT_RE.match(first.name) and int(SPLIT_RE.match(first.name)["index"]) != 1:  # type: ignore[index]
+    match = SPLIT_RE.match(first.name)
+    if match and int(match["index"]) != 1:
         raise InvalidModelFile(f"{first.name} is not the first part of a split model", "give the -00001-of- file")
+    parts = split_part_paths(first)
     missing = [part.name for part in parts if not part.exists()]
     if missing:
         raise InvalidModelFile(
