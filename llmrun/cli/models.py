@@ -14,11 +14,11 @@ import typer
 from llmrun.cli.output import format_count, format_size, notice, print_json, print_rows, stdin_is_tty, stdout_is_tty
 from llmrun.errors import LlmrunError
 from llmrun.settings import get_settings
-from llmrun.store import ModelEntry, Store
+from llmrun.store.store import ModelEntry, Store
 
 if TYPE_CHECKING:
-    from llmrun.hub import QuantChoice, RepoQuants
-    from llmrun.models import PullOptions
+    from llmrun.store.hub import QuantChoice, RepoQuants
+    from llmrun.store.models import PullOptions
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
@@ -41,7 +41,7 @@ def import_command(
     force: Annotated[bool, typer.Option("--force", "-f", help="Replace a model of the same name.")] = False,
 ) -> None:
     """Add a GGUF file already on disk to the store (validated first)."""
-    from llmrun.models import import_model
+    from llmrun.store.models import import_model
 
     entry = import_model(_store(), path, name, link=link, replace=force)
     how = "linked" if link else "copied"
@@ -71,7 +71,7 @@ def _fit(size_bytes: int, available: int | None) -> str:
 
 def _print_quants(quants: RepoQuants, to_stderr: bool = False) -> None:
     from llmrun.machine import available_memory_bytes
-    from llmrun.quants import quant_note
+    from llmrun.store.quants import quant_note
 
     available = available_memory_bytes()
     rows = [
@@ -85,7 +85,7 @@ def _print_quants(quants: RepoQuants, to_stderr: bool = False) -> None:
 def pull_options(*, quiet: bool = False, update: bool = False) -> PullOptions:
     """How the CLI pulls: into the configured cache, with a progress bar and a picker on a terminal."""
     from llmrun.cli.progress import DownloadProgress, SilentProgress
-    from llmrun.models import PullOptions
+    from llmrun.store.models import PullOptions
 
     settings = get_settings()
     return PullOptions(
@@ -114,8 +114,8 @@ def pull_command(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
 ) -> None:
     """Download a model from the Hugging Face Hub (or a catalog model's fallback source), verified."""
-    from llmrun.hub import list_quants
-    from llmrun.models import pull_model, pull_target_repo
+    from llmrun.store.hub import list_quants
+    from llmrun.store.models import pull_model, pull_target_repo
 
     if list_quants_only:
         _print_quants(list_quants(pull_target_repo(model)))
@@ -194,8 +194,8 @@ def show_command(
     ] = False,
 ) -> None:
     """Show a model's architecture, size, quantization, context length, template and license."""
-    from llmrun.gguf_file import read_model_info
-    from llmrun.models import resolve_model
+    from llmrun.store.gguf_file import read_model_info
+    from llmrun.store.models import resolve_model
 
     resolved = resolve_model(_store(), model)
     info = read_model_info(resolved.path)
@@ -236,17 +236,17 @@ def rm_command(
 
 
 def catalog_command(json_output: JsonOption = False) -> None:
-    """List the catalog: short names for popular models, and the Hub repo and quantization each pulls."""
-    from llmrun.catalog import load_catalog
+    """List the catalog: short names for popular models, the Hub repo and quantization each pulls, and your own."""
+    from llmrun.store.catalog import load_catalog
 
     store = _store()
     entries = list(load_catalog().values())
     if json_output:
         print_json([{"name": e.alias, "repo": e.repo, "quant": e.quant, "file": e.file, "description": e.description,
-                     "pulled": store.find(e.alias) is not None} for e in entries])  # fmt: skip
+                     "origin": e.origin, "pulled": store.find(e.alias) is not None} for e in entries])  # fmt: skip
         return
-    rows = [[e.alias, e.quant, e.repo, "yes" if store.find(e.alias) else "", e.description] for e in entries]
-    print_rows(["NAME", "QUANT", "REPO", "PULLED", "DESCRIPTION"], rows)
+    rows = [[e.alias, e.quant, e.repo, "yes" if store.find(e.alias) else "", e.origin, e.description] for e in entries]
+    print_rows(["NAME", "QUANT", "REPO", "PULLED", "ORIGIN", "DESCRIPTION"], rows)
 
 
 def prune_command() -> None:

