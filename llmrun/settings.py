@@ -26,6 +26,8 @@ ENV_VARS: tuple[EnvVar, ...] = (
     ),
     EnvVar("LLMRUN_THREADS", "physical cores", "CPU threads for generation."),
     EnvVar("LLMRUN_GPU_LAYERS", "auto", "Layers to offload: a number, or auto (all on GPU builds)."),
+    EnvVar("LLMRUN_HOST", "127.0.0.1:11435", "Where `serve` listens, and the server `ps` and `stop` talk to."),
+    EnvVar("LLMRUN_API_KEY", "", "A key `serve` requires of every request (and `ps` and `stop` send)."),
     EnvVar("LLMRUN_DEBUG", "0", "1 shows tracebacks and llama.cpp's own log lines."),
     EnvVar("NO_COLOR", "", "Any value turns colour off."),
 )
@@ -58,6 +60,8 @@ class Settings:
     default_model: str
     no_log: bool
     hf_cache: Path | None  # LLMRUN_HF_CACHE: a shared Hugging Face cache, never pruned by llmrun
+    host: tuple[str, int] = ("127.0.0.1", 11435)  # LLMRUN_HOST
+    api_key: str | None = None  # LLMRUN_API_KEY
 
     @property
     def logs_path(self) -> Path:
@@ -127,4 +131,22 @@ def get_settings() -> Settings:
         hf_cache=Path(hf_cache).expanduser().resolve()
         if (hf_cache := os.environ.get("LLMRUN_HF_CACHE", "").strip())
         else None,
+        host=_host_port(os.environ.get("LLMRUN_HOST", "")),
+        api_key=os.environ.get("LLMRUN_API_KEY", "").strip() or None,
     )
+
+
+def _host_port(value: str) -> tuple[str, int]:
+    """``LLMRUN_HOST``: ``host``, ``host:port``, ``:port`` or ``http://host:port``."""
+    text = value.strip().removeprefix("http://").rstrip("/")
+    if not text:
+        return ("127.0.0.1", 11435)
+    host, sep, port = text.rpartition(":") if text.count(":") == 1 or text.startswith("[") else ("", "", "")
+    if not sep:
+        return (text, 11435)
+    try:
+        return (host.strip("[]") or "127.0.0.1", int(port))
+    except ValueError:
+        from llmrun.errors import UsageError
+
+        raise UsageError(f"LLMRUN_HOST={value!r} has no valid port", "write e.g. 127.0.0.1:11435") from None

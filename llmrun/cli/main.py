@@ -15,7 +15,7 @@ from llmrun.settings import env_flag, get_settings
 
 app = typer.Typer(
     name="llmrun",
-    help="Run quantized GGUF models locally on llama.cpp: pull, run, chat, bench.",
+    help="Run quantized GGUF models locally on llama.cpp: pull, run, chat, serve, bench.",
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -58,6 +58,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("llmrun.cli.chat", "chat_command"),
     "logs": ("llmrun.cli.logs", "logs_command"),
     "bench": ("llmrun.cli.bench", "bench_command"),
+    "serve": ("llmrun.cli.serve", "serve_command"),
+    "ps": ("llmrun.cli.serve", "ps_command"),
+    "stop": ("llmrun.cli.serve", "stop_command"),
 }
 ALIASES = {"ls": "list"}
 

@@ -17,6 +17,7 @@ from llmrun.machine import available_memory_bytes, physical_cores
 
 DEFAULT_N_BATCH = 2048
 DEFAULT_N_UBATCH = 512
+EMBEDDING_MAX_CONTEXT = 8192
 
 
 GGML_CACHE_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
@@ -145,7 +146,9 @@ class Engine:
             n_slots=options.n_slots,
             seq_capacity=min(self.context_choice.n_ctx, allocated_per_slot),
             n_batch=options.n_batch,
+            prefill_chunk=options.n_ubatch,
         )
+        self._embedding_ctx: Any = None
 
     def _create_context(self, options: LoadOptions) -> Any:
         params = llama_cpp.llama_context_default_params()
@@ -159,6 +162,9 @@ class Engine:
         params.type_v = _ggml_type(options.cache_type_v)
         params.flash_attn_type = {None: -1, False: 0, True: 1}[options.flash_attn]  # llama_flash_attn_type
         params.no_perf = True
+        # One cache shared by every slot: a prompt prefix held by one slot can be shared with another
+        # (llama_memory_seq_cp) without copying data, and a short answer leaves room for a long one.
+        params.kv_unified = options.n_slots > 1
         NATIVE_LOG.clear_errors()
         ctx = llama_cpp.llama_init_from_model(self.model.handle, params)
         if not ctx:
@@ -215,6 +221,70 @@ class Engine:
         self.check_fits(list(request.prompt_tokens))
         return Generation(self.scheduler, self.scheduler.submit(request))
 
+    # -- embeddings ------------------------------------------------------------------
+
+    def embed(self, inputs: list[list[int]]) -> list[list[float]]:
+        """One L2-normalised embedding per token list: the model's own pooling, or the mean of its tokens."""
+        import numpy as np
+
+        ctx = self._embedding_context()
+        capacity = int(llama_cpp.llama_n_ctx(ctx))
+        encoder_only = bool(llama_cpp.llama_model_has_encoder(self.model.handle)) and not bool(
+            llama_cpp.llama_model_has_decoder(self.model.handle)
+        )
+        vectors = []
+        for tokens in inputs:
+            if not tokens:
+                raise UsageError("an input to embed is empty", "give some text")
+            if len(tokens) > capacity:
+                raise PromptTooLong(
+                    f"an input to embed is {len(tokens)} tokens but at most {capacity} fit", "shorten or split it"
+                )
+            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+            batch = llama_cpp.llama_batch_init(len(tokens), 0, 1)
+            try:
+                for index, token in enumerate(tokens):
+                    batch.token[index] = token
+                    batch.pos[index] = index
+                    batch.n_seq_id[index] = 1
+                    batch.seq_id[index][0] = 0
+                    batch.logits[index] = True
+                batch.n_tokens = len(tokens)
+                status = (llama_cpp.llama_encode if encoder_only else llama_cpp.llama_decode)(ctx, batch)
+            finally:
+                llama_cpp.llama_batch_free(batch)
+            if status != 0:
+                raise ModelLoadError(
+                    f"computing an embedding failed ({status})", "run with --debug for llama.cpp's log"
+                )
+            pointer = llama_cpp.llama_get_embeddings_seq(ctx, 0)
+            vector = np.ctypeslib.as_array(pointer, shape=(self.model.n_embd,)).astype(np.float64)
+            norm = float(np.linalg.norm(vector))
+            vectors.append((vector / norm if norm > 0 else vector).tolist())
+        return vectors
+
+    def _embedding_context(self) -> Any:
+        """A second, small context that pools embeddings; made on first use."""
+        if self._embedding_ctx is not None:
+            return self._embedding_ctx
+        n_ctx = min(self.seq_capacity, EMBEDDING_MAX_CONTEXT)
+        for pooling in (llama_cpp.LLAMA_POOLING_TYPE_UNSPECIFIED, llama_cpp.LLAMA_POOLING_TYPE_MEAN):
+            params = llama_cpp.llama_context_default_params()
+            params.n_ctx = params.n_batch = params.n_ubatch = n_ctx
+            params.n_seq_max = 1
+            params.n_threads = params.n_threads_batch = self.n_threads
+            params.embeddings = True
+            params.pooling_type = pooling
+            params.no_perf = True
+            ctx = llama_cpp.llama_init_from_model(self.model.handle, params)
+            if not ctx:
+                raise ModelLoadError("llama.cpp could not create a context for embeddings", "try a smaller --ctx")
+            if llama_cpp.llama_pooling_type(ctx) != llama_cpp.LLAMA_POOLING_TYPE_NONE:
+                self._embedding_ctx = ctx
+                return ctx
+            llama_cpp.llama_free(ctx)  # a generative model has no pooling of its own: take the mean
+        raise ModelLoadError("this model cannot produce pooled embeddings")
+
     # -- raw decoding, for benchmarks ---------------------------------------------
 
     def clear_memory(self) -> None:
@@ -239,6 +309,9 @@ class Engine:
 
     def close(self) -> None:
         self.scheduler.close()
+        if self._embedding_ctx is not None:
+            llama_cpp.llama_free(self._embedding_ctx)
+            self._embedding_ctx = None
         if self.ctx is not None:
             llama_cpp.llama_free(self.ctx)
             self.ctx = None

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
 from typing import Any
 
-from llmrun.engine.native import llama_cpp
+from llmrun.engine.native import NATIVE_LOG, llama_cpp
+from llmrun.errors import UsageError
 from llmrun.settings import (
     DEFAULT_MIN_P,
     DEFAULT_REPEAT_LAST_N,
@@ -27,25 +29,64 @@ class SamplingParams:
     min_p: float = DEFAULT_MIN_P
     repeat_penalty: float = DEFAULT_REPEAT_PENALTY
     repeat_last_n: int = DEFAULT_REPEAT_LAST_N
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from a token already in the last repeat_last_n
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence
     seed: int | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token, bias) added to the logits before anything else
+    grammar: str | None = None  # GBNF with a ``root`` rule: only text it accepts can be generated
+
+
+def grammar_sampler(vocab: Any, grammar: str) -> Any:
+    """A llama.cpp grammar sampler; a grammar llama.cpp cannot parse is a UsageError."""
+    NATIVE_LOG.clear_errors()
+    sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
+    if not sampler:
+        detail = NATIVE_LOG.first_error()
+        raise UsageError("the grammar is not valid GBNF" + (f": {detail}" if detail else ""), "check its rules")
+    return sampler
+
+
+def check_grammar(vocab: Any, grammar: str) -> None:
+    """Raise UsageError unless llama.cpp accepts the grammar (before a request is queued)."""
+    llama_cpp.llama_sampler_free(grammar_sampler(vocab, grammar))
+
+
+def json_schema_grammar(schema: dict[str, Any] | None) -> str:
+    """GBNF for JSON matching ``schema`` (any JSON object for None), by llama.cpp's JSON-schema converter."""
+    from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+
+    if schema is None:
+        return JSON_GBNF
+    try:
+        return str(json_schema_to_gbnf(json.dumps(schema)))
+    except (ValueError, KeyError, TypeError, RecursionError, NotImplementedError) as error:
+        raise UsageError(f"the JSON schema cannot be turned into a grammar: {error}", "simplify the schema") from None
 
 
 class SamplerChain:
     """One sequence's sampler chain (it holds that sequence's RNG and penalty history)."""
 
-    def __init__(self, params: SamplingParams, n_vocab: int) -> None:
+    def __init__(self, params: SamplingParams, n_vocab: int, vocab: Any = None) -> None:
         self.seed = params.seed if params.seed is not None else random.randrange(2**32 - 1)
         chain_params = llama_cpp.llama_sampler_chain_default_params()
         chain_params.no_perf = True
         self.handle: Any = llama_cpp.llama_sampler_chain_init(chain_params)
         add = llama_cpp.llama_sampler_chain_add
+        if params.logit_bias:
+            entries = [llama_cpp.llama_logit_bias(token, bias) for token, bias in params.logit_bias]
+            biases = (llama_cpp.llama_logit_bias * len(entries))(*entries)
+            add(self.handle, llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(params.logit_bias), biases))
+        if params.grammar is not None:
+            # Before top-k: the grammar must choose among every token, or top-k may keep none it allows.
+            add(self.handle, grammar_sampler(vocab, params.grammar))
         # top-k first: the penalty sampler is slow over a whole vocabulary (llama.h says so), and
         # penalties only lower logits, so the tokens they could promote are already among the top k.
         if params.top_k > 0:
             add(self.handle, llama_cpp.llama_sampler_init_top_k(params.top_k))
-        if params.repeat_penalty != 1.0 and params.repeat_last_n != 0:
+        penalized = params.repeat_penalty != 1.0 or params.presence_penalty or params.frequency_penalty
+        if penalized and params.repeat_last_n != 0:
             penalties = llama_cpp.llama_sampler_init_penalties(
-                n_vocab, params.repeat_last_n, params.repeat_penalty, 0, 0
+                n_vocab, params.repeat_last_n, params.repeat_penalty, params.frequency_penalty, params.presence_penalty
             )
             add(self.handle, penalties)
         if params.temperature <= 0:

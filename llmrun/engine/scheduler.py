@@ -29,6 +29,7 @@ class GenerationRequest:
     max_tokens: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; 0: the chosen token's; N: also the N likeliest alternatives
 
 
 class SequenceStatus(Enum):
@@ -45,6 +46,16 @@ class FinishReason(str, Enum):
     ERROR = "error"
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A sampled token's log-probability under the model, and the likeliest alternatives."""
+
+    token: str
+    token_bytes: bytes
+    logprob: float
+    top: tuple[tuple[str, bytes, float], ...] = ()
+
+
 @dataclass
 class Timings:
     """Wall-clock marks of one sequence (``time.perf_counter`` seconds)."""
@@ -55,7 +66,7 @@ class Timings:
     finished: float | None = None
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a sequence is itself, however alike two may be
 class Sequence:
     """One request's state inside the scheduler."""
 
@@ -75,6 +86,10 @@ class Sequence:
     stop_matcher: StopMatcher = field(default_factory=lambda: StopMatcher(()))
     pending_text: deque[str] = field(default_factory=deque)
     text_parts: list[str] = field(default_factory=list)
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    # A prompt prefix being evaluated in another slot right now: wait for it and copy its KV cells.
+    prefix_source: Sequence | None = None
+    prefix_len: int = 0
 
     @property
     def prompt_len(self) -> int:
@@ -90,6 +105,11 @@ class Sequence:
         self.pending_text.clear()
         return parts
 
+    def drain_logprobs(self) -> list[TokenLogprob]:
+        """Log-probabilities of the tokens sampled since the last call (when the request asked for them)."""
+        entries, self.pending_logprobs = self.pending_logprobs, []
+        return entries
+
     def _emit(self, text: str) -> None:
         if text:
             self.pending_text.append(text)
@@ -100,7 +120,11 @@ class Sequence:
         return "".join(self.text_parts)
 
 
-def _common_prefix(cached: list[int], prompt: tuple[int, ...]) -> int:
+# Copying fewer cells than this is not worth a wait or the bookkeeping.
+MIN_COPY_TOKENS = 16
+
+
+def _common_prefix(cached: list[int] | tuple[int, ...], prompt: tuple[int, ...]) -> int:
     length = 0
     for cached_token, prompt_token in zip(cached, prompt, strict=False):
         if cached_token != prompt_token:
@@ -112,26 +136,32 @@ def _common_prefix(cached: list[int], prompt: tuple[int, ...]) -> int:
 class Scheduler:
     """Runs sequences over the ``n_slots`` sequence ids of one llama.cpp context."""
 
-    def __init__(self, model: Model, ctx: Any, n_slots: int, seq_capacity: int, n_batch: int) -> None:
+    def __init__(
+        self, model: Model, ctx: Any, n_slots: int, seq_capacity: int, n_batch: int, prefill_chunk: int | None = None
+    ) -> None:
         self.model = model
         self.ctx = ctx
         self.memory = llama_cpp.llama_get_memory(ctx)
         self.n_slots = n_slots
         self.seq_capacity = seq_capacity
         self.n_batch = n_batch
+        # While other sequences are decoding, a prompt is fed at most this many tokens a step, so
+        # a long prompt delays their next token by one chunk's time, not by the whole prompt's.
+        self.prefill_chunk = min(prefill_chunk or n_batch, n_batch)
         self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.free_slots = list(range(n_slots - 1, -1, -1))
         # What each slot's KV cache holds (token i at position i): a finished sequence leaves its
         # tokens there, so a next prompt that starts the same way (a conversation's next turn)
-        # evaluates only what is new.
+        # evaluates only what is new, and other slots can copy those cells instead of evaluating them.
         self.slot_tokens: list[list[int]] = [[] for _ in range(n_slots)]
+        self.prefix_hit_tokens = 0  # prompt tokens taken from the cache (own slot or copied), not evaluated
 
     def submit(self, request: GenerationRequest) -> Sequence:
         sequence = Sequence(
             request=request,
-            sampler=SamplerChain(request.sampling, self.model.n_vocab),
+            sampler=SamplerChain(request.sampling, self.model.n_vocab, self.model.vocab),
             stop_matcher=StopMatcher(request.stop),
         )
         sequence.timings.created = time.perf_counter()
@@ -149,9 +179,14 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    @property
+    def busy_slots(self) -> int:
+        return self.n_slots - len(self.free_slots)
+
     def step(self) -> None:
         """Admit waiting sequences, build one batch, decode it, sample, emit text, retire the finished."""
         self._admit()
+        self._copy_ready_prefixes()
         sampled = self._build_batch()
         if self.batch.n_tokens == 0:
             return
@@ -178,7 +213,54 @@ class Scheduler:
             sequence.slot = slot
             sequence.n_past = sequence.n_cached = keep
             sequence.status = SequenceStatus.PREFILL
+            self.prefix_hit_tokens += keep
+            if self.n_slots > 1:
+                self._plan_prefix_copy(sequence)
             self.running.append(sequence)
+
+    def _plan_prefix_copy(self, sequence: Sequence) -> None:
+        """Find another slot holding (or about to hold) more of this prompt than its own slot does."""
+        prompt = sequence.request.prompt_tokens
+        limit = len(prompt) - 1
+        best_source: Sequence | None = None
+        best_len = sequence.n_past
+        best_slot = -1
+        for slot, tokens in enumerate(self.slot_tokens):
+            if slot != sequence.slot and (shared := min(_common_prefix(tokens, prompt), limit)) > best_len:
+                best_len, best_slot = shared, slot
+        for other in self.running:
+            # A prompt being evaluated now: what it will hold once its prefill is done.
+            if other.status is SequenceStatus.PREFILL and other.prefix_source is None:
+                shared = min(_common_prefix(other.request.prompt_tokens, prompt), limit)
+                if shared > best_len and shared > other.n_past:
+                    best_len, best_source, best_slot = shared, other, other.slot
+        if best_slot < 0 or best_len - sequence.n_past < MIN_COPY_TOKENS:
+            return
+        if best_source is None:
+            self._copy_cells(sequence, best_slot, best_len)
+        else:
+            sequence.prefix_source, sequence.prefix_len = best_source, best_len
+
+    def _copy_ready_prefixes(self) -> None:
+        for sequence in self.running:
+            source = sequence.prefix_source
+            if source is None:
+                continue
+            ready = source.n_past >= sequence.prefix_len or source.status is not SequenceStatus.PREFILL
+            if ready:
+                sequence.prefix_source = None
+                # Only what the source slot really holds now (it may have been cancelled half way).
+                shared = min(_common_prefix(self.slot_tokens[source.slot], sequence.request.prompt_tokens),
+                             sequence.prefix_len)  # fmt: skip
+                if shared > sequence.n_past:
+                    self._copy_cells(sequence, source.slot, shared)
+
+    def _copy_cells(self, sequence: Sequence, source_slot: int, length: int) -> None:
+        """Share ``source_slot``'s KV cells for positions [n_past, length) with this sequence's slot."""
+        llama_cpp.llama_memory_seq_cp(self.memory, source_slot, sequence.slot, sequence.n_past, length)
+        self.slot_tokens[sequence.slot].extend(sequence.request.prompt_tokens[sequence.n_past : length])
+        self.prefix_hit_tokens += length - sequence.n_past
+        sequence.n_cached = sequence.n_past = length
 
     def _build_batch(self) -> list[tuple[Sequence, int]]:
         """Fill the batch: one token per decoding sequence, then prompt chunks. Returns who gets logits where."""
@@ -192,11 +274,14 @@ class Scheduler:
                 sequence.n_past += 1
                 sampled.append((sequence, n_tokens))
                 n_tokens += 1
+        budget = self.n_batch if n_tokens == 0 else min(self.n_batch, n_tokens + self.prefill_chunk)
         for sequence in self.running:
-            if sequence.status is not SequenceStatus.PREFILL or n_tokens >= self.n_batch:
+            if sequence.status is not SequenceStatus.PREFILL or sequence.prefix_source is not None:
                 continue
+            if n_tokens >= budget:
+                break
             prompt = sequence.request.prompt_tokens
-            chunk_end = min(sequence.prompt_len, sequence.n_past + self.n_batch - n_tokens)
+            chunk_end = min(sequence.prompt_len, sequence.n_past + budget - n_tokens)
             for position in range(sequence.n_past, chunk_end):
                 self._put(n_tokens, prompt[position], position, sequence.slot, False)
                 n_tokens += 1
@@ -229,6 +314,8 @@ class Scheduler:
         if not request.ignore_eos and self.model.is_end_of_generation(token):
             self._finish(sequence, FinishReason.STOP)
             return
+        if request.logprobs is not None:
+            sequence.pending_logprobs.append(self._logprob(batch_index, token, request.logprobs))
         sequence.completion_tokens.append(token)
         sequence.next_token = token
         text = sequence.stop_matcher.feed(sequence.utf8.feed(self.model.token_bytes(token)))
@@ -240,6 +327,25 @@ class Scheduler:
         elif sequence.n_past >= self.seq_capacity:
             sequence.context_full = True
             self._finish(sequence, FinishReason.LENGTH)
+
+    def _logprob(self, batch_index: int, token: int, n_top: int) -> TokenLogprob:
+        """The model's log-probabilities (before sampling options) at ``batch_index`` of the last decode."""
+        import numpy as np
+
+        pointer = llama_cpp.llama_get_logits_ith(self.ctx, batch_index)
+        logits = np.ctypeslib.as_array(pointer, shape=(self.model.n_vocab,)).astype(np.float64)
+        log_z = float(np.logaddexp.reduce(logits))
+        top: tuple[tuple[str, bytes, float], ...] = ()
+        if n_top > 0:
+            best = np.argpartition(-logits, n_top)[:n_top]
+            best = best[np.argsort(-logits[best])]
+            top = tuple(self._token_entry(int(candidate), float(logits[candidate]) - log_z) for candidate in best)
+        text, piece, logprob = self._token_entry(token, float(logits[token]) - log_z)
+        return TokenLogprob(text, piece, logprob, top)
+
+    def _token_entry(self, token: int, logprob: float) -> tuple[str, bytes, float]:
+        piece = self.model.token_bytes(token)
+        return piece.decode("utf-8", errors="replace"), piece, logprob
 
     def _finish(self, sequence: Sequence, reason: FinishReason) -> None:
         if not sequence.stop_matcher.stopped:

@@ -1,0 +1,163 @@
+"""``serve``, and ``ps`` and ``stop`` for a running server."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from typing import Annotated, Any
+
+import typer
+
+from llmrun.cli.options import GpuLayers, NoPull, Threads, resolve
+from llmrun.cli.output import notice, print_json, print_rows
+from llmrun.errors import LlmrunError, UsageError
+from llmrun.settings import get_settings
+
+ServerOption = Annotated[
+    str | None,
+    typer.Option("--server", help="The server's URL [default: http://LLMRUN_HOST, i.e. http://127.0.0.1:11435]."),
+]
+
+
+def serve_command(
+    models: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="Models to load at start (others load on first request).", show_default=False, metavar="[MODEL]..."
+        ),  # fmt: skip
+    ] = None,
+    host: Annotated[
+        str | None, typer.Option("--host", help="Address to bind [default: 127.0.0.1; 0.0.0.0 for every interface].")
+    ] = None,
+    port: Annotated[int | None, typer.Option("--port", "-p", min=0, max=65535, help="Port [default: 11435].")] = None,
+    parallel: Annotated[
+        int, typer.Option("--parallel", "-np", min=1, max=64, help="Requests generated at once, per model.")
+    ] = 4,
+    ctx: Annotated[
+        int | None,
+        typer.Option(
+            "--ctx", "-c", min=16, help="Longest context of one request [default: the model's, capped to fit memory]."
+        ),
+    ] = None,
+    threads: Threads = None,
+    gpu_layers: GpuLayers = None,
+    keep_alive: Annotated[
+        str, typer.Option("--keep-alive", help="How long an idle model stays loaded: 5m, 1h, 0, or -1 for ever.")
+    ] = "5m",
+    max_loaded: Annotated[
+        int, typer.Option("--max-loaded", min=1, help="Models loaded at once; the least recently used goes first.")
+    ] = 3,
+    queue: Annotated[
+        int | None,
+        typer.Option(
+            "--queue", min=0, help="Requests waiting for a slot, per model, before 503 [default: 4 x parallel]."
+        ),
+    ] = None,
+    api_key: Annotated[
+        str | None, typer.Option("--api-key", help="Require this key (Bearer or x-api-key) [default: LLMRUN_API_KEY].")
+    ] = None,
+    cors: Annotated[
+        list[str] | None,
+        typer.Option("--cors", help="Allow browser requests from this origin (repeatable; * for any)."),
+    ] = None,
+    no_log: Annotated[bool, typer.Option("--no-log", help="Do not log exchanges (also LLMRUN_NO_LOG=1).")] = False,
+    no_pull: NoPull = False,
+) -> None:
+    """Serve the OpenAI and Ollama APIs on 127.0.0.1:11435 until Ctrl-C."""
+    from llmrun.server.app import ServeOptions, serve
+    from llmrun.server.pool import PoolOptions, parse_keep_alive
+
+    settings = get_settings()
+    bind_host, bind_port = settings.host
+    keep_alive_s = parse_keep_alive(keep_alive)
+    resolved = [resolve(model, no_pull).name for model in models or []]
+    options = ServeOptions(
+        host=host or bind_host,
+        port=bind_port if port is None else port,
+        models=tuple(resolved),
+        pool=PoolOptions(
+            parallel=parallel,
+            ctx=ctx,
+            threads=threads or settings.threads,
+            gpu_layers=gpu_layers or settings.gpu_layers,
+            keep_alive_s=300.0 if keep_alive_s is None else keep_alive_s,
+            max_loaded=max_loaded,
+            queue=queue,
+            debug=settings.debug,
+        ),  # fmt: skip
+        api_key=api_key or settings.api_key,
+        cors_origins=tuple(cors or ()),
+        log_exchanges=not (no_log or settings.no_log),
+    )
+    url = f"http://{_url_host(options.host)}:{options.port}"
+    if options.host not in ("127.0.0.1", "localhost", "::1") and not options.api_key:
+        notice(f"warning: serving on {options.host} without --api-key: anyone who can reach this machine can use it")
+
+    def ready() -> None:
+        notice(f"llmrun serving on {url}  (OpenAI: {url}/v1, Ollama: {url})  Ctrl-C to stop")
+
+    serve(options, ready)
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _server_url(server: str | None) -> str:
+    if server:
+        if not server.startswith(("http://", "https://")):
+            raise UsageError(f"{server!r} is not an http(s) URL", "e.g. --server http://127.0.0.1:11435")
+        return server.rstrip("/")
+    host, port = get_settings().host
+    return f"http://{_url_host(host)}:{port}"
+
+
+def _call(url: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    settings = get_settings()
+    headers = {"Content-Type": "application/json"}
+    if settings.api_key:
+        headers["Authorization"] = f"Bearer {settings.api_key}"
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url + path, data=data, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.load(response)
+    except urllib.error.HTTPError as error:
+        try:
+            message = json.load(error).get("error")
+        except ValueError:
+            message = error.reason
+        raise LlmrunError(f"{url} answered {error.code}: {message}") from None
+    except OSError as error:
+        raise LlmrunError(f"no llmrun server at {url}: {error}", "start one with `llmrun serve`") from None
+
+
+def ps_command(server: ServerOption = None, json_output: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List the models a running server has loaded: slots, memory, when each is unloaded."""
+    url = _server_url(server)
+    models = _call(url, "/api/ps").get("models", [])
+    if json_output:
+        print_json(models)
+        return
+    from llmrun.cli.output import format_size
+
+    rows = [
+        [m["name"], f"{m.get('busy_slots', 0)}/{m.get('slots', '?')}", format_size(m.get("size", 0)),
+         str(m.get("context_length", "")), m.get("expires_at") or ("busy" if m.get("in_flight") else "never")]
+        for m in models
+    ]  # fmt: skip
+    print_rows(["NAME", "BUSY/SLOTS", "SIZE", "CONTEXT", "UNTIL"], rows)
+
+
+def stop_command(
+    model: Annotated[str, typer.Argument(help="A model the server has loaded.", show_default=False, metavar="MODEL")],
+    server: ServerOption = None,
+) -> None:
+    """Unload a model from a running server now."""
+    url = _server_url(server)
+    loaded = [m["name"] for m in _call(url, "/api/ps").get("models", [])]
+    if model not in loaded and model.removesuffix(":latest") not in loaded:
+        raise LlmrunError(f"{url} has no model {model!r} loaded", "see `llmrun ps`")
+    _call(url, "/api/generate", {"model": model, "keep_alive": 0})
+    notice(f"stopped {model}")

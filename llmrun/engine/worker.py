@@ -1,0 +1,186 @@
+"""One thread that owns an Engine and drives its scheduler, for callers on other threads (the server).
+
+Only this thread touches the llama context. Callers hand it requests through an inbox
+and get each sequence's progress back through a callback, called on this thread after
+every step; an idle worker sleeps on a condition variable (no polling).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from llmrun.engine.engine import Engine, Generation, GenerationResult
+from llmrun.engine.scheduler import GenerationRequest, Sequence, TokenLogprob
+from llmrun.errors import LlmrunError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class SequenceUpdate:
+    """What one sequence produced in one step: new text, and at the end its result (or error)."""
+
+    text: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    result: GenerationResult | None = None  # set on the last update
+    error: LlmrunError | None = None
+
+    @property
+    def last(self) -> bool:
+        return self.result is not None
+
+
+UpdateCallback = Callable[[SequenceUpdate], None]
+
+
+class Ticket:
+    """A submitted request: cancel it from any thread."""
+
+    def __init__(self, worker: EngineWorker, request: GenerationRequest, on_update: UpdateCallback) -> None:
+        self.worker = worker
+        self.request = request
+        self.on_update = on_update
+        self.sequence: Sequence | None = None
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.worker._post(("cancel", self))
+
+
+class EngineWorker:
+    """Runs ``engine``'s scheduler on a thread of its own until ``stop()``."""
+
+    def __init__(self, engine: Engine, name: str = "engine") -> None:
+        self.engine = engine
+        self._inbox: deque[tuple[str, Any]] = deque()
+        self._wake = threading.Condition()
+        self._active: dict[Sequence, Ticket] = {}
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=f"llmrun-{name}", daemon=True)
+        self._thread.start()
+
+    # -- any thread --------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest, on_update: UpdateCallback) -> Ticket:
+        """Queue a request; ``on_update`` is called on the worker thread as it progresses."""
+        ticket = Ticket(self, request, on_update)
+        self._post(("submit", ticket))
+        return ticket
+
+    def call(self, function: Callable[[Engine], T]) -> Future[T]:
+        """Run ``function(engine)`` on the worker thread between steps (embeddings, anything else)."""
+        future: Future[T] = Future()
+        self._post(("call", (function, future)))
+        return future
+
+    def cancel_all(self, reason: str) -> None:
+        """End every request now with an error saying ``reason`` (a server shutting down)."""
+        self._post(("cancel_all", reason))
+
+    @property
+    def in_flight(self) -> int:
+        """Requests submitted and not yet finished (racy: for display and metrics)."""
+        return len(self._active) + sum(1 for kind, _ in list(self._inbox) if kind == "submit")
+
+    @property
+    def busy_slots(self) -> int:
+        return self.engine.scheduler.busy_slots
+
+    @property
+    def waiting(self) -> int:
+        return len(self.engine.scheduler.waiting)
+
+    def stop(self) -> None:
+        """Cancel everything, end the thread and free the engine."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join()
+        self.engine.close()
+
+    def _post(self, message: tuple[str, Any]) -> None:
+        with self._wake:
+            self._inbox.append(message)
+            self._wake.notify()
+
+    # -- the worker thread ---------------------------------------------------------
+
+    def _run(self) -> None:
+        scheduler = self.engine.scheduler
+        while True:
+            with self._wake:
+                while not self._inbox and not scheduler.has_work and not self._stopping:
+                    self._wake.wait()
+                messages = list(self._inbox)
+                self._inbox.clear()
+                stopping = self._stopping
+            for kind, payload in messages:
+                self._handle(kind, payload)
+            if stopping:
+                for ticket in list(self._active.values()):
+                    self._cancel(ticket)
+                return
+            if scheduler.has_work:
+                scheduler.step()
+                self._deliver()
+
+    def _handle(self, kind: str, payload: Any) -> None:
+        if kind == "submit":
+            ticket: Ticket = payload
+            if ticket.cancelled:
+                return
+            try:
+                ticket.sequence = self.engine.scheduler.submit(ticket.request)
+            except LlmrunError as error:
+                ticket.on_update(SequenceUpdate("", result=_empty_result(), error=error))
+                return
+            self._active[ticket.sequence] = ticket
+        elif kind == "cancel":
+            self._cancel(payload)
+        elif kind == "cancel_all":
+            for sequence, ticket in list(self._active.items()):
+                sequence.error = LlmrunError(payload, "send the request again later")
+                self._cancel(ticket)
+        elif kind == "call":
+            function, future = payload
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(function(self.engine))
+                except BaseException as error:  # noqa: BLE001 - handed to the caller, whatever it is
+                    future.set_exception(error)
+
+    def _cancel(self, ticket: Ticket) -> None:
+        ticket.cancelled = True
+        sequence = ticket.sequence
+        if sequence is not None and sequence in self._active:
+            self.engine.scheduler.cancel(sequence)
+            self._deliver_one(sequence, ticket)
+
+    def _deliver(self) -> None:
+        for sequence, ticket in list(self._active.items()):
+            if sequence.pending_text or sequence.pending_logprobs or sequence.finished:
+                self._deliver_one(sequence, ticket)
+
+    def _deliver_one(self, sequence: Sequence, ticket: Ticket) -> None:
+        text = "".join(sequence.drain_text())
+        logprobs = sequence.drain_logprobs()
+        if sequence.finished:
+            del self._active[sequence]
+            result = Generation(self.engine.scheduler, sequence).result
+            update = SequenceUpdate(text, logprobs, result, sequence.error)
+        else:
+            update = SequenceUpdate(text, logprobs)
+        try:
+            ticket.on_update(update)
+        except Exception:  # noqa: BLE001 - a receiver that has gone away must not stop the other sequences
+            if not sequence.finished:
+                self._cancel(ticket)
+
+
+def _empty_result() -> GenerationResult:
+    return GenerationResult("", "error", 0, 0, 0, False, 0.0, 0.0, 0.0)

@@ -1,0 +1,181 @@
+"""The FastAPI app of ``llmrun serve``: the API routers, auth, CORS, health, metrics, and running it."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import PlainTextResponse
+
+from llmrun import __version__
+from llmrun.server import errors
+from llmrun.server.metrics import Metrics
+from llmrun.server.pool import ModelPool, PoolOptions
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 11435  # beside Ollama's 11434, not on it
+DEFAULT_GRACE_S = 10.0
+OPEN_PATHS = frozenset({"/health"})
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    models: tuple[str, ...] = ()  # loaded at start
+    pool: PoolOptions = field(default_factory=PoolOptions)
+    api_key: str | None = None
+    cors_origins: tuple[str, ...] = ()
+    log_exchanges: bool = True
+    grace_s: float = DEFAULT_GRACE_S
+
+
+def create_app(options: ServeOptions, on_ready: Callable[[], None] | None = None) -> FastAPI:
+    """The app; models named in ``options.models`` load before it reports ready."""
+    from llmrun.logs import LogStore
+    from llmrun.settings import get_settings
+    from llmrun.store.store import Store
+
+    settings = get_settings()
+    metrics = Metrics()
+    log_store = LogStore(settings.logs_path) if options.log_exchanges else None
+    pool = ModelPool(options.pool, Store(settings.home), metrics, log_store)
+    metrics.watch(pool)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        for name in options.models:
+            model = await pool.acquire(name)
+            pool.release(model, None)
+            sys.stderr.write(f"loaded {model.name}: {model.engine.context_choice.reason}, {pool.options.parallel} "
+                             f"slots, {model.engine.n_threads} threads\n")  # fmt: skip
+        app.state.ready = True
+        if on_ready is not None:
+            on_ready()
+        yield
+        await pool.close()
+
+    app = FastAPI(title="llmrun", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.pool = pool
+    app.state.metrics = metrics
+    app.state.ready = False
+    errors.install(app)
+
+    from llmrun.server import ollama, openai
+
+    app.include_router(openai.router)
+    app.include_router(ollama.router)
+
+    @app.middleware("http")
+    async def authenticate_and_count(request: Request, call_next: Callable[[Request], Any]) -> Response:
+        protected = options.api_key and request.url.path not in OPEN_PATHS and request.method != "OPTIONS"
+        if protected and not _key_matches(request, options.api_key or ""):
+            denied = errors.error_response(
+                request, errors.Unauthorized("missing or wrong API key", "send Authorization: Bearer KEY")
+            )
+            _count(request, denied.status_code)
+            return denied
+        response: Response = await call_next(request)
+        _count(request, response.status_code)
+        return response
+
+    def _count(request: Request, status: int) -> None:
+        route = request.scope.get("route")
+        metrics.requests.labels(getattr(route, "path", "other"), str(status)).inc()
+
+    if options.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(options.cors_origins),
+            allow_methods=["*"],
+            allow_headers=["*"],
+        )
+
+    @app.get("/health", response_model=None)
+    async def health() -> Any:
+        if not app.state.ready:
+            return Response('{"status":"loading"}', status_code=503, media_type="application/json")
+        return {"status": "ok"}
+
+    @app.get("/metrics", response_model=None)
+    async def metrics_route() -> Any:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.api_route("/", methods=["GET", "HEAD"], response_model=None)
+    async def root() -> Any:
+        return PlainTextResponse("llmrun is running")
+
+    return app
+
+
+def _key_matches(request: Request, api_key: str) -> bool:
+    authorization = request.headers.get("authorization", "")
+    scheme, _, token = authorization.partition(" ")
+    given = token.strip() if scheme.lower() == "bearer" else request.headers.get("x-api-key", "")
+    return hmac.compare_digest(given.encode(), api_key.encode())
+
+
+def serve(options: ServeOptions, on_ready: Callable[[], None] | None = None) -> None:
+    """Run the server until Ctrl-C or SIGTERM; then finish running requests for the grace period, end the rest."""
+    import uvicorn
+
+    app = create_app(options, on_ready)
+    config = uvicorn.Config(
+        app,
+        host=options.host,
+        port=options.port,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=int(options.grace_s) + 1,
+        lifespan="on",
+    )
+    server = _Server(config, app, options.grace_s)
+    server.run()
+
+
+class _Server:
+    """uvicorn's server, with a shutdown that ends open streams once the grace period is over."""
+
+    def __init__(self, config: Any, app: FastAPI, grace_s: float) -> None:
+        import uvicorn
+
+        self.app = app
+        self.grace_s = grace_s
+        outer = self
+
+        class Server(uvicorn.Server):
+            def handle_exit(self, sig: int, frame: Any) -> None:
+                if not self.should_exit:
+                    sys.stderr.write("stopping: finishing running requests\n")
+                    outer._schedule_cutoff()
+                super().handle_exit(sig, frame)
+
+        self.server = Server(config)
+
+    def _schedule_cutoff(self) -> None:
+        loop = asyncio.get_event_loop()
+        pool: ModelPool = self.app.state.pool
+
+        def cut_off() -> None:
+            for model in list(pool.models.values()):
+                model.worker.cancel_all("the server is shutting down")
+
+        loop.call_later(self.grace_s, cut_off)
+
+    def run(self) -> None:
+        previous = signal.getsignal(signal.SIGTERM)
+        try:
+            self.server.run()
+        finally:
+            signal.signal(signal.SIGTERM, previous)

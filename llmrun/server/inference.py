@@ -1,0 +1,227 @@
+"""The one inference path under every API: an internal request in, a stream of events out.
+
+``openai.py``, ``ollama.py`` (and later APIs) translate their wire format into an
+``InferenceRequest`` and the ``Event`` stream back; nothing here knows which API a
+request came from. The asyncio side never calls llama.cpp: prompts are rendered and
+tokenized on a worker thread of the pool, and tokens come back from the model's engine
+thread through ``loop.call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from llmrun.errors import LlmrunError, UsageError
+
+if TYPE_CHECKING:
+    from llmrun.engine import Engine, SamplingParams
+    from llmrun.engine.scheduler import TokenLogprob
+    from llmrun.engine.worker import SequenceUpdate, Ticket
+    from llmrun.server.pool import LoadedModel, ModelPool
+
+
+@dataclass(frozen=True)
+class InferenceRequest:
+    """What every API asks of a model: a conversation or a raw prompt, and how to generate."""
+
+    model: str
+    messages: list[dict[str, Any]] | None = None  # a chat, rendered by the model's template
+    prompt: str | None = None  # plain completion text (no template)
+    sampling: SamplingParams | None = None  # None: llmrun's defaults
+    max_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+    n: int = 1  # independent answers (OpenAI's ``n``), each its own sequence
+    logprobs: int | None = None  # see GenerationRequest.logprobs
+    ignore_eos: bool = False
+    json_schema: dict[str, Any] | None = None  # constrain output to JSON matching this schema
+    json_any: bool = False  # constrain output to some JSON object
+    keep_alive_s: float | None = None  # None: the server's default
+    route: str = ""  # for metrics and the log
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """New text of answer ``index``."""
+
+    index: int
+    text: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Finished:
+    """Answer ``index`` is complete."""
+
+    index: int
+    finish_reason: str  # stop, length, cancelled, error
+    text: str  # the whole answer
+    usage: Usage
+    time_to_first_token_s: float
+    generation_s: float
+    total_s: float
+    error: LlmrunError | None = None
+
+
+Event = TextDelta | Finished
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A request turned into tokens for a loaded model."""
+
+    prompt_tokens: tuple[int, ...]
+    grammar: str | None
+
+
+class Stream:
+    """A started request: iterate for events; ``close()`` (or leaving the loop) cancels what is unfinished."""
+
+    def __init__(self, request: InferenceRequest, pool: ModelPool, model: LoadedModel, load_s: float) -> None:
+        self.request = request
+        self._pool = pool
+        self.model = model
+        self.load_s = load_s
+        self.created = time.time()
+        self._queue: asyncio.Queue[tuple[int, SequenceUpdate]] = asyncio.Queue()
+        self._tickets: list[Ticket] = []
+        self._open = request.n
+        self._released = False
+
+    def _start(self, prepared: Prepared) -> None:
+        from llmrun.engine import GenerationRequest
+
+        loop = asyncio.get_running_loop()
+        request = self.request
+        sampling = self.request.sampling or _default_sampling()
+        for index in range(request.n):
+            choice_sampling = sampling
+            if prepared.grammar is not None:
+                choice_sampling = replace(choice_sampling, grammar=prepared.grammar)
+            if index > 0 and sampling.seed is not None:
+                choice_sampling = replace(choice_sampling, seed=sampling.seed + index)
+            generation = GenerationRequest(
+                prompt_tokens=prepared.prompt_tokens,
+                sampling=choice_sampling,
+                max_tokens=request.max_tokens,
+                stop=request.stop,
+                ignore_eos=request.ignore_eos,
+                logprobs=request.logprobs,
+            )
+
+            def deliver(update: SequenceUpdate, index: int = index) -> None:
+                loop.call_soon_threadsafe(self._queue.put_nowait, (index, update))
+
+            self._tickets.append(self.model.worker.submit(generation, deliver))
+
+    async def __aiter__(self) -> AsyncIterator[Event]:
+        try:
+            while self._open:
+                index, update = await self._queue.get()
+                if update.text or update.logprobs:
+                    yield TextDelta(index, update.text, update.logprobs)
+                if update.result is not None:
+                    self._open -= 1
+                    result = update.result
+                    finished = Finished(
+                        index=index,
+                        finish_reason=result.finish_reason,
+                        text=result.text,
+                        usage=Usage(result.prompt_tokens, result.completion_tokens, result.cached_tokens),
+                        time_to_first_token_s=result.time_to_first_token_s,
+                        generation_s=result.generation_s,
+                        total_s=result.total_s,
+                        error=update.error,
+                    )
+                    self._pool.finished(self.request, self.model.name, finished)
+                    yield finished
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Cancel unfinished answers and give the model back to the pool (once)."""
+        if self._released:
+            return
+        self._released = True
+        if self._open:
+            for ticket in self._tickets:
+                ticket.cancel()
+        self._pool.release(self.model, self.request.keep_alive_s, weight=self.request.n)
+
+
+def _default_sampling() -> SamplingParams:
+    from llmrun.engine import SamplingParams
+
+    return SamplingParams()
+
+
+def prepare(engine: Engine, request: InferenceRequest) -> Prepared:
+    """Render and tokenize the prompt, build the grammar, check the context (on a thread, not the event loop)."""
+    from llmrun.engine.sampling import check_grammar, json_schema_grammar
+
+    if request.messages is not None:
+        tokens = engine.chat_prompt(request.messages)
+    elif request.prompt is not None:
+        tokens = engine.raw_prompt(request.prompt)
+    else:
+        raise UsageError("the request has neither messages nor a prompt", "send one of them")
+    engine.check_fits(tokens)
+    if request.max_tokens is not None and request.max_tokens < 1:
+        raise UsageError(f"max tokens must be at least 1, not {request.max_tokens}", "leave it out for no limit")
+    grammar = None
+    if request.json_schema is not None or request.json_any:
+        grammar = json_schema_grammar(request.json_schema)
+        check_grammar(engine.model.vocab, grammar)
+    return Prepared(tuple(tokens), grammar)
+
+
+async def start(pool: ModelPool, request: InferenceRequest) -> Stream:
+    """Load the model if need be, prepare the prompt and queue the request: errors come out here, before any output."""
+    if request.n < 1:
+        raise UsageError(f"n must be at least 1, not {request.n}", "ask for 1 or more answers")
+    began = time.perf_counter()
+    model = await pool.acquire(request.model, extra=request.n - 1)
+    load_s = time.perf_counter() - began
+    try:
+        prepared = await asyncio.to_thread(prepare, model.engine, request)
+    except BaseException:
+        pool.release(model, request.keep_alive_s, weight=request.n)
+        raise
+    stream = Stream(request, pool, model, load_s)
+    stream._start(prepared)
+    return stream
+
+
+async def embed(pool: ModelPool, model_name: str, inputs: list[str] | list[list[int]]) -> tuple[list[list[float]], int]:
+    """Embeddings of each input (text, or token ids), and the number of tokens they took."""
+    model = await pool.acquire(model_name)
+    try:
+
+        def tokenize(engine: Engine) -> list[list[int]]:
+            return [
+                engine.model.tokenize(item, add_special=True, parse_special=False) if isinstance(item, str) else item
+                for item in inputs
+            ]
+
+        token_lists = await asyncio.to_thread(tokenize, model.engine)
+        for tokens in token_lists:
+            if any(not 0 <= token < model.engine.model.n_vocab for token in tokens):
+                raise UsageError("an input holds a token id outside the vocabulary", "send text or valid token ids")
+        vectors = await asyncio.wrap_future(model.worker.call(lambda engine: engine.embed(token_lists)))
+        return vectors, sum(len(tokens) for tokens in token_lists)
+    finally:
+        pool.release(model, None)

@@ -1,0 +1,419 @@
+"""The OpenAI API: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``, ``/v1/models``.
+
+Only translation: a request body becomes an ``InferenceRequest``, the event stream becomes
+OpenAI's JSON or server-sent events. Unknown fields are ignored, as OpenAI does.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from llmrun.errors import UsageError
+from llmrun.server.inference import Finished, InferenceRequest, Stream, TextDelta, embed, start
+from llmrun.server.sampling import sampling_from
+
+router = APIRouter(prefix="/v1")
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "stop", "error": "stop"}
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class ChatMessage(_Lenient):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+
+class JsonSchemaFormat(_Lenient):
+    name: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Lenient):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StreamOptions(_Lenient):
+    include_usage: bool = False
+
+
+class _Sampling(_Lenient):
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    n: int = Field(default=1, ge=1, le=16)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # llama.cpp server extensions
+    top_k: int | None = Field(default=None, ge=0)
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    repeat_penalty: float | None = Field(default=None, ge=0)
+    ignore_eos: bool = False
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str]
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+    echo: bool = False
+
+
+class EmbeddingRequest(_Lenient):
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+
+
+def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    return (stop,) if isinstance(stop, str) else tuple(stop)
+
+
+def _logit_bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    if not bias:
+        return ()
+    pairs = []
+    for token, value in bias.items():
+        try:
+            pairs.append((int(token), float(value)))
+        except ValueError:
+            raise UsageError(f"logit_bias key {token!r} is not a token id", "use token ids as keys") from None
+    return tuple(pairs)
+
+
+def _message_text(message: ChatMessage) -> str:
+    content = message.content
+    if content is None or isinstance(content, str):
+        return content or ""
+    texts = []
+    for part in content:
+        kind = part.get("type")
+        if kind == "text":
+            texts.append(str(part.get("text", "")))
+        elif kind in ("image_url", "input_image", "image", "input_audio", "file"):
+            raise UsageError(f"{kind} content is not supported: llmrun serves text-only models", "send text parts only")
+        else:
+            raise UsageError(f"unknown content part type {kind!r}", "send parts of type text")
+    return "".join(texts)
+
+
+def _messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    rendered = []
+    for message in messages:
+        role = "system" if message.role == "developer" else message.role
+        rendered.append({"role": role, "content": _message_text(message)})
+    return rendered
+
+
+def _sampling(body: _Sampling) -> Any:
+    return sampling_from(
+        temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
+        repeat_penalty=body.repeat_penalty, presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty, seed=body.seed, logit_bias=_logit_bias(body.logit_bias),
+    )  # fmt: skip
+
+
+def _usage(finished: list[Finished]) -> dict[str, Any]:
+    prompt = finished[0].usage.prompt_tokens if finished else 0
+    completion = sum(event.usage.completion_tokens for event in finished)
+    cached = finished[0].usage.cached_tokens if finished else 0
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
+
+
+def _chat_logprobs(entries: list[Any]) -> dict[str, Any]:
+    return {
+        "content": [
+            {
+                "token": entry.token,
+                "logprob": entry.logprob,
+                "bytes": list(entry.token_bytes),
+                "top_logprobs": [
+                    {"token": text, "logprob": logprob, "bytes": list(piece)} for text, piece, logprob in entry.top
+                ],
+            }
+            for entry in entries
+        ]
+    }
+
+
+async def _gather(stream: Stream) -> tuple[list[Finished], dict[int, list[Any]]]:
+    """A whole non-streamed answer: the Finished events by index, and each answer's token log-probabilities."""
+    gathered: dict[int, list[Any]] = {}
+    finished: list[Finished] = []
+    try:
+        async for event in stream:
+            if isinstance(event, TextDelta):
+                if event.logprobs:
+                    gathered.setdefault(event.index, []).extend(event.logprobs)
+            else:
+                if event.error is not None:
+                    raise event.error
+                finished.append(event)
+    finally:
+        stream.close()
+    return sorted(finished, key=lambda event: event.index), gathered
+
+
+def _sse(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data, separators=(',', ':'), ensure_ascii=False)}\n\n"
+
+
+async def _sse_stream(stream: Stream, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except Exception as error:  # noqa: BLE001 - the status line is sent: report in the stream
+        from llmrun.server.errors import openai_error_body
+
+        yield _sse(openai_error_body(error))
+    finally:
+        stream.close()
+    yield "data: [DONE]\n\n"
+
+
+@router.post("/chat/completions", response_model=None)
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+    pool = request.app.state.pool
+    schema = None
+    json_any = False
+    if body.response_format is not None and body.response_format.type != "text":
+        if body.response_format.type == "json_object":
+            json_any = True
+        else:
+            format_schema = body.response_format.json_schema
+            if format_schema is None or format_schema.schema_ is None:
+                raise UsageError("response_format json_schema needs json_schema.schema", "give the JSON schema")
+            schema = format_schema.schema_
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    inference = InferenceRequest(
+        model=body.model, messages=_messages(body.messages), sampling=_sampling(body),
+        max_tokens=body.max_completion_tokens or body.max_tokens, stop=_stops(body.stop), n=body.n,
+        logprobs=logprobs, ignore_eos=body.ignore_eos, json_schema=schema, json_any=json_any,
+        route="/v1/chat/completions",
+    )  # fmt: skip
+    stream = await start(pool, inference)
+    completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+    created = int(time.time())
+    model_name = stream.model.name
+    if not body.stream:
+        finished, gathered = await _gather(stream)
+        choices = [
+            {
+                "index": event.index,
+                "message": {"role": "assistant", "content": event.text},
+                "logprobs": _chat_logprobs(gathered.get(event.index, [])) if logprobs is not None else None,
+                "finish_reason": FINISH_REASONS.get(event.finish_reason, "stop"),
+            }
+            for event in finished
+        ]
+        return {
+            "id": completion_id, "object": "chat.completion", "created": created, "model": model_name,
+            "choices": choices, "usage": _usage(finished), "system_fingerprint": "llmrun",
+        }  # fmt: skip
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    async def chunks() -> AsyncIterator[str]:
+        base = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model_name,
+                "system_fingerprint": "llmrun"}  # fmt: skip
+        for index in range(body.n):
+            first = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                     "finish_reason": None}  # fmt: skip
+            yield _sse({**base, "choices": [first]})
+        finished: list[Finished] = []
+        async for event in stream:
+            if isinstance(event, TextDelta):
+                choice: dict[str, Any] = {"index": event.index, "delta": {"content": event.text}, "finish_reason": None}
+                choice["logprobs"] = _chat_logprobs(event.logprobs) if logprobs is not None else None
+                yield _sse({**base, "choices": [choice]})
+            elif isinstance(event, Finished):
+                if event.error is not None:
+                    raise event.error
+                finished.append(event)
+                reason = FINISH_REASONS.get(event.finish_reason, "stop")
+                yield _sse({**base, "choices": [{"index": event.index, "delta": {}, "logprobs": None,
+                                                 "finish_reason": reason}]})  # fmt: skip
+        if include_usage:
+            yield _sse({**base, "choices": [], "usage": _usage(finished)})
+
+    return StreamingResponse(_sse_stream(stream, chunks()), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+@router.post("/completions", response_model=None)
+async def completions(body: CompletionRequest, request: Request) -> Any:
+    pool = request.app.state.pool
+    prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+    if not prompts:
+        raise UsageError("prompt is an empty list", "give a prompt")
+    if len(prompts) > 1 and body.stream:
+        raise UsageError("streaming takes one prompt", "send one prompt per streamed request")
+    streams = []
+    try:
+        for prompt in prompts:
+            inference = InferenceRequest(
+                model=body.model, prompt=prompt, sampling=_sampling(body), max_tokens=body.max_tokens or 16,
+                stop=_stops(body.stop), n=body.n, logprobs=body.logprobs, ignore_eos=body.ignore_eos,
+                route="/v1/completions",
+            )  # fmt: skip
+            streams.append(await start(pool, inference))
+    except BaseException:
+        for stream in streams:
+            stream.close()
+        raise
+    completion_id = f"cmpl-{uuid.uuid4().hex[:24]}"
+    created = int(time.time())
+    model_name = streams[0].model.name
+    base = {"id": completion_id, "object": "text_completion", "created": created, "model": model_name,
+            "system_fingerprint": "llmrun"}  # fmt: skip
+    if not body.stream:
+        finished = []
+        gathered: dict[int, list[Any]] = {}
+        for prompt_index, stream in enumerate(streams):
+            events, logprobs = await _gather(stream)
+            finished.extend(events)
+            for index, entries in logprobs.items():
+                gathered[prompt_index * body.n + index] = entries
+        choices = []
+        for number, event in enumerate(finished):
+            choices.append({
+                "index": number, "text": (prompts[number // body.n] if body.echo else "") + event.text,
+                "logprobs": _completion_logprobs(gathered.get(number, [])) if body.logprobs is not None else None,
+                "finish_reason": FINISH_REASONS.get(event.finish_reason, "stop"),
+            })  # fmt: skip
+        usage = {
+            "prompt_tokens": sum(event.usage.prompt_tokens for event in finished[:: body.n]),
+            "completion_tokens": sum(event.usage.completion_tokens for event in finished),
+        }
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        return {**base, "choices": choices, "usage": usage}
+    stream = streams[0]
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    async def chunks() -> AsyncIterator[str]:
+        finished: list[Finished] = []
+        if body.echo:
+            yield _sse({**base, "choices": [{"index": 0, "text": prompts[0], "logprobs": None,
+                                             "finish_reason": None}]})  # fmt: skip
+        async for event in stream:
+            if isinstance(event, TextDelta):
+                lp = _completion_logprobs(event.logprobs) if body.logprobs is not None else None
+                yield _sse({**base, "choices": [{"index": event.index, "text": event.text, "logprobs": lp,
+                                                 "finish_reason": None}]})  # fmt: skip
+            else:
+                if event.error is not None:
+                    raise event.error
+                finished.append(event)
+                reason = FINISH_REASONS.get(event.finish_reason, "stop")
+                yield _sse({**base, "choices": [{"index": event.index, "text": "", "logprobs": None,
+                                                 "finish_reason": reason}]})  # fmt: skip
+        if include_usage:
+            usage = _usage(finished)
+            usage.pop("prompt_tokens_details")
+            yield _sse({**base, "choices": [], "usage": usage})
+
+    return StreamingResponse(_sse_stream(stream, chunks()), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+def _completion_logprobs(entries: list[Any]) -> dict[str, Any]:
+    return {
+        "tokens": [entry.token for entry in entries],
+        "token_logprobs": [entry.logprob for entry in entries],
+        "top_logprobs": [{text: logprob for text, _, logprob in entry.top} for entry in entries],
+        "text_offset": [],
+    }
+
+
+@router.post("/embeddings", response_model=None)
+async def embeddings(body: EmbeddingRequest, request: Request) -> Any:
+    inputs: list[Any]
+    if isinstance(body.input, str):
+        inputs = [body.input]
+    elif body.input and all(isinstance(item, int) for item in body.input):
+        inputs = [list(body.input)]
+    else:
+        inputs = list(body.input)
+    if not inputs:
+        raise UsageError("input is empty", "give a string or a list of strings")
+    vectors, n_tokens = await embed(request.app.state.pool, body.model, inputs)
+    data = []
+    for index, vector in enumerate(vectors):
+        if body.dimensions is not None:
+            vector = vector[: body.dimensions]
+        encoded: Any = vector
+        if body.encoding_format == "base64":
+            encoded = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+        data.append({"object": "embedding", "index": index, "embedding": encoded})
+    model = request.app.state.pool.find_loaded(body.model)
+    return {
+        "object": "list", "data": data, "model": model.name if model else body.model,
+        "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
+    }  # fmt: skip
+
+
+@router.get("/models", response_model=None)
+async def list_models(request: Request) -> Any:
+    pool = request.app.state.pool
+    data = []
+    seen = set()
+    for model in pool.models.values():
+        seen.add(model.name)
+        data.append({"id": model.name, "object": "model", "created": int(model.loaded_at), "owned_by": "llmrun"})
+    for entry in pool.store.entries():
+        if entry.name not in seen:
+            created = _timestamp(entry.added_at)
+            data.append({"id": entry.name, "object": "model", "created": created, "owned_by": "llmrun"})
+    return JSONResponse({"object": "list", "data": data})
+
+
+@router.get("/models/{model_id:path}", response_model=None)
+async def get_model(model_id: str, request: Request) -> Any:
+    pool = request.app.state.pool
+    name, _, entry = pool.resolve(model_id)
+    created = _timestamp(entry.added_at) if entry is not None else int(time.time())
+    return {"id": name, "object": "model", "created": created, "owned_by": "llmrun"}
+
+
+def _timestamp(iso: str) -> int:
+    from datetime import datetime
+
+    try:
+        return int(datetime.fromisoformat(iso).timestamp())
+    except ValueError:
+        return 0
