@@ -75,6 +75,10 @@ def create_app(options: ServeOptions, on_ready: Callable[[], None] | None = None
 
     @app.middleware("http")
     async def authenticate_and_count(request: Request, call_next: Callable[[Request], Any]) -> Response:
+        if request.method == "POST" and "json" not in request.headers.get("content-type", ""):
+            # `curl -d '{...}'` sends form encoding; like OpenAI and llama-server, read the body as JSON anyway.
+            headers = [(key, value) for key, value in request.scope["headers"] if key != b"content-type"]
+            request.scope["headers"] = [*headers, (b"content-type", b"application/json")]
         protected = options.api_key and request.url.path not in OPEN_PATHS and request.method != "OPTIONS"
         if protected and not _key_matches(request, options.api_key or ""):
             denied = errors.error_response(
@@ -160,6 +164,8 @@ class _Server:
                     sys.stderr.write("stopping: finishing running requests\n")
                     outer._schedule_cutoff()
                 super().handle_exit(sig, frame)
+                # uvicorn re-raises the signal after shutting down; a clean stop exits 0 instead.
+                self._captured_signals.clear()
 
         self.server = Server(config)
 
