@@ -17,7 +17,7 @@ from llmrun.machine import available_memory_bytes, physical_cores
 
 DEFAULT_N_BATCH = 2048
 DEFAULT_N_UBATCH = 512
-EMBEDDING_MAX_CONTEXT = 8192
+EMBEDDING_MAX_CONTEXT = 2048  # one ubatch holds a whole input: its compute buffer grows with the square
 
 
 GGML_CACHE_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
