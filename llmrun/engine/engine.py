@@ -146,7 +146,8 @@ class Engine:
             n_slots=options.n_slots,
             seq_capacity=min(self.context_choice.n_ctx, allocated_per_slot),
             n_batch=options.n_batch,
-            prefill_chunk=options.n_ubatch,
+            n_ubatch=options.n_ubatch,
+            unified_kv=False,
         )
         self._embedding_ctx: Any = None
 
@@ -162,9 +163,11 @@ class Engine:
         params.type_v = _ggml_type(options.cache_type_v)
         params.flash_attn_type = {None: -1, False: 0, True: 1}[options.flash_attn]  # llama_flash_attn_type
         params.no_perf = True
-        # One cache shared by every slot: a prompt prefix held by one slot can be shared with another
-        # (llama_memory_seq_cp) without copying data, and a short answer leaves room for a long one.
-        params.kv_unified = options.n_slots > 1
+        # A KV cache per slot, not one shared by all: in a shared cache the cells of concurrent
+        # sequences interleave, attention sums over them in a different order, and a greedy answer
+        # could change with the company a request keeps. Per slot, it is the same alone or among 8.
+        # A prefix is then shared by copying a slot's cache (a memcpy), not by sharing cells.
+        params.kv_unified = False
         NATIVE_LOG.clear_errors()
         ctx = llama_cpp.llama_init_from_model(self.model.handle, params)
         if not ctx:

@@ -122,6 +122,14 @@ class Sequence:
 
 # Copying fewer cells than this is not worth a wait or the bookkeeping.
 MIN_COPY_TOKENS = 16
+# A prompt chunk holds at least this many tokens, so its tokens are computed as any prompt's are;
+# a lone token takes llama.cpp's one-token path, which rounds differently (see Scheduler.step).
+MIN_CHUNK_TOKENS = 2
+
+
+def _reusable(prompt_len: int) -> int:
+    """How many of a prompt's tokens may come from the cache: all but the last chunk's."""
+    return max(0, prompt_len - MIN_CHUNK_TOKENS)
 
 
 def _common_prefix(cached: list[int] | tuple[int, ...], prompt: tuple[int, ...]) -> int:
@@ -137,17 +145,27 @@ class Scheduler:
     """Runs sequences over the ``n_slots`` sequence ids of one llama.cpp context."""
 
     def __init__(
-        self, model: Model, ctx: Any, n_slots: int, seq_capacity: int, n_batch: int, prefill_chunk: int | None = None
+        self,
+        model: Model,
+        ctx: Any,
+        n_slots: int,
+        seq_capacity: int,
+        n_batch: int,
+        n_ubatch: int | None = None,
+        unified_kv: bool = False,
     ) -> None:
         self.model = model
+        self.unified_kv = unified_kv
         self.ctx = ctx
         self.memory = llama_cpp.llama_get_memory(ctx)
         self.n_slots = n_slots
         self.seq_capacity = seq_capacity
         self.n_batch = n_batch
-        # While other sequences are decoding, a prompt is fed at most this many tokens a step, so
-        # a long prompt delays their next token by one chunk's time, not by the whole prompt's.
-        self.prefill_chunk = min(prefill_chunk or n_batch, n_batch)
+        # One decode never holds more than llama.cpp computes in one pass (so it never splits a
+        # prompt chunk itself, which could leave a lone token); while answers stream, prompts are
+        # fed at most this many tokens a step.
+        self.n_ubatch = min(n_ubatch or n_batch, n_batch)
+        self.prefill_chunk = self.n_ubatch
         self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -184,16 +202,22 @@ class Scheduler:
         return self.n_slots - len(self.free_slots)
 
     def step(self) -> None:
-        """Admit waiting sequences, build one batch, decode it, sample, emit text, retire the finished."""
+        """Admit waiting sequences, decode one token of every running answer, feed prompt chunks, retire.
+
+        Each ``llama_decode`` holds either one token of each decoding sequence or one chunk of
+        one prompt (at least two tokens), never a mix: llama.cpp computes a sequence's lone
+        token in a batch by another kernel path than a token among several of its own, so
+        keeping that shape fixed gives a sequence the same numbers, and the same greedy answer,
+        whatever else runs beside it.
+        """
         self._admit()
         self._copy_ready_prefixes()
-        sampled = self._build_batch()
-        if self.batch.n_tokens == 0:
-            return
-        status = llama_cpp.llama_decode(self.ctx, self.batch)
-        if status != 0:
-            self._fail_batch(status)
-        else:
+        for parts in self._plan():
+            sampled = self._fill_batch(parts)
+            status = llama_cpp.llama_decode(self.ctx, self.batch)
+            if status != 0:
+                self._fail([sequence for sequence, _, _ in parts], status)
+                continue
             for sequence, batch_index in sampled:
                 self._sample_and_emit(sequence, batch_index)
         self._retire()
@@ -202,10 +226,13 @@ class Scheduler:
         while self.waiting and self.free_slots:
             sequence = self.waiting.popleft()
             prompt = sequence.request.prompt_tokens
-            slot = max(self.free_slots, key=lambda free: _common_prefix(self.slot_tokens[free], prompt))
+            # The slot holding most of the prompt already; among equals the lowest, so that busy slots
+            # stay consecutive (see _build_batch).
+            slot = max(self.free_slots, key=lambda free: (_common_prefix(self.slot_tokens[free], prompt), -free))
             self.free_slots.remove(slot)
-            # Keep the shared prefix, but evaluate at least the last prompt token: its logits are needed.
-            keep = min(_common_prefix(self.slot_tokens[slot], prompt), len(prompt) - 1)
+            # Keep the shared prefix, but evaluate at least the last prompt token (its logits are
+            # needed), in a chunk of MIN_CHUNK_TOKENS.
+            keep = min(_common_prefix(self.slot_tokens[slot], prompt), _reusable(len(prompt)))
             if not llama_cpp.llama_memory_seq_rm(self.memory, slot, keep, -1):
                 keep = 0  # this memory cannot drop a tail (recurrent models): start over
                 llama_cpp.llama_memory_seq_rm(self.memory, slot, -1, -1)
@@ -221,7 +248,7 @@ class Scheduler:
     def _plan_prefix_copy(self, sequence: Sequence) -> None:
         """Find another slot holding (or about to hold) more of this prompt than its own slot does."""
         prompt = sequence.request.prompt_tokens
-        limit = len(prompt) - 1
+        limit = _reusable(len(prompt))
         best_source: Sequence | None = None
         best_len = sequence.n_past
         best_slot = -1
@@ -256,41 +283,70 @@ class Scheduler:
                     self._copy_cells(sequence, source.slot, shared)
 
     def _copy_cells(self, sequence: Sequence, source_slot: int, length: int) -> None:
-        """Share ``source_slot``'s KV cells for positions [n_past, length) with this sequence's slot."""
-        llama_cpp.llama_memory_seq_cp(self.memory, source_slot, sequence.slot, sequence.n_past, length)
+        """Give this sequence's slot ``source_slot``'s KV cells for positions [0, length)."""
+        if self.unified_kv:
+            # One cache for all slots: the cells are shared, nothing is copied.
+            llama_cpp.llama_memory_seq_cp(self.memory, source_slot, sequence.slot, sequence.n_past, length)
+        else:
+            # A cache per slot: llama.cpp copies the source slot's whole cache (at the next decode,
+            # a memcpy far cheaper than evaluating the prefix); drop what lies past the shared part.
+            llama_cpp.llama_memory_seq_cp(self.memory, source_slot, sequence.slot, -1, -1)
+            llama_cpp.llama_memory_seq_rm(self.memory, sequence.slot, length, -1)
         self.slot_tokens[sequence.slot].extend(sequence.request.prompt_tokens[sequence.n_past : length])
         self.prefix_hit_tokens += length - sequence.n_past
         sequence.n_cached = sequence.n_past = length
 
-    def _build_batch(self) -> list[tuple[Sequence, int]]:
-        """Fill the batch: one token per decoding sequence, then prompt chunks. Returns who gets logits where."""
-        batch = self.batch
-        n_tokens = 0
-        sampled: list[tuple[Sequence, int]] = []
-        for sequence in self.running:
-            if sequence.status is SequenceStatus.DECODING and n_tokens < self.n_batch:
-                self._put(n_tokens, sequence.next_token, sequence.n_past, sequence.slot, True)  # type: ignore[arg-type]
-                self.slot_tokens[sequence.slot].append(sequence.next_token)  # type: ignore[arg-type]
-                sequence.n_past += 1
-                sampled.append((sequence, n_tokens))
-                n_tokens += 1
-        budget = self.n_batch if n_tokens == 0 else min(self.n_batch, n_tokens + self.prefill_chunk)
+    def _plan(self) -> list[list[tuple[Sequence, int, int]]]:
+        """This step's decodes: (sequence, first position, end position) parts of each ``llama_decode``.
+
+        First one token of every decoding sequence, in slot order (with a KV cache per slot,
+        llama.cpp decodes a run of consecutive slots in one pass). Then prompt chunks, each its
+        own decode: while answers are streaming, at most ``prefill_chunk`` prompt tokens a step, so
+        a long prompt delays their next token by one chunk's time, not by the whole prompt's.
+        """
+        plans: list[list[tuple[Sequence, int, int]]] = []
+        decoding = [sequence for sequence in self.running if sequence.status is SequenceStatus.DECODING]
+        for start in range(0, len(decoding), self.n_ubatch):
+            chunk = sorted(decoding[start : start + self.n_ubatch], key=lambda sequence: sequence.slot)
+            plans.append([(sequence, sequence.n_past, sequence.n_past + 1) for sequence in chunk])
+        budget = self.prefill_chunk if decoding else self.n_batch
         for sequence in self.running:
             if sequence.status is not SequenceStatus.PREFILL or sequence.prefix_source is not None:
                 continue
-            if n_tokens >= budget:
+            if budget < MIN_CHUNK_TOKENS:
                 break
-            prompt = sequence.request.prompt_tokens
-            chunk_end = min(sequence.prompt_len, sequence.n_past + budget - n_tokens)
-            for position in range(sequence.n_past, chunk_end):
-                self._put(n_tokens, prompt[position], position, sequence.slot, False)
-                n_tokens += 1
-            self.slot_tokens[sequence.slot].extend(prompt[sequence.n_past : chunk_end])
-            sequence.n_past = chunk_end
-            if chunk_end == sequence.prompt_len:
-                batch.logits[n_tokens - 1] = True
-                sampled.append((sequence, n_tokens - 1))
-        batch.n_tokens = n_tokens
+            remaining = sequence.prompt_len - sequence.n_past
+            size = min(remaining, budget, self.n_ubatch)
+            if remaining - size == 1:  # never leave a lone last token: it would be computed differently
+                size -= 1
+            if size < MIN_CHUNK_TOKENS and size < remaining:
+                continue
+            plans.append([(sequence, sequence.n_past, sequence.n_past + size)])
+            budget -= size
+        return plans
+
+    def _fill_batch(self, parts: list[tuple[Sequence, int, int]]) -> list[tuple[Sequence, int]]:
+        """Write one decode's tokens into the batch; returns which sequences get logits at which index."""
+        sampled: list[tuple[Sequence, int]] = []
+        index = 0
+        for sequence, begin, end in parts:
+            if sequence.status is SequenceStatus.DECODING:
+                token: int = sequence.next_token  # type: ignore[assignment]
+                self._put(index, token, begin, sequence.slot, True)
+                self.slot_tokens[sequence.slot].append(token)
+                sampled.append((sequence, index))
+                index += 1
+            else:
+                prompt = sequence.request.prompt_tokens
+                for position in range(begin, end):
+                    self._put(index, prompt[position], position, sequence.slot, False)
+                    index += 1
+                self.slot_tokens[sequence.slot].extend(prompt[begin:end])
+                if end == sequence.prompt_len:
+                    self.batch.logits[index - 1] = True
+                    sampled.append((sequence, index - 1))
+            sequence.n_past = end
+        self.batch.n_tokens = index
         return sampled
 
     def _put(self, index: int, token: int, position: int, slot: int, logits: bool) -> None:
@@ -356,9 +412,9 @@ class Scheduler:
         sequence.status = SequenceStatus.FINISHED
         sequence.timings.finished = time.perf_counter()
 
-    def _fail_batch(self, status: int) -> None:
+    def _fail(self, sequences: list[Sequence], status: int) -> None:
         reason = "no room left in the KV cache" if status == 1 else f"llama_decode returned {status}"
-        for sequence in self.running:
+        for sequence in sequences:
             if not sequence.finished:
                 sequence.error = LlmrunError(f"generation failed: {reason}", "run with --debug to see llama.cpp's log")
                 self._finish(sequence, FinishReason.ERROR)

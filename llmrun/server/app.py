@@ -13,6 +13,8 @@ from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import PlainTextResponse
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llmrun import __version__
 from llmrun.server import errors
@@ -73,28 +75,8 @@ def create_app(options: ServeOptions, on_ready: Callable[[], None] | None = None
     app.include_router(openai.router)
     app.include_router(ollama.router)
 
-    @app.middleware("http")
-    async def authenticate_and_count(request: Request, call_next: Callable[[Request], Any]) -> Response:
-        if request.method == "POST" and "json" not in request.headers.get("content-type", ""):
-            # `curl -d '{...}'` sends form encoding; like OpenAI and llama-server, read the body as JSON anyway.
-            headers = [(key, value) for key, value in request.scope["headers"] if key != b"content-type"]
-            request.scope["headers"] = [*headers, (b"content-type", b"application/json")]
-        protected = options.api_key and request.url.path not in OPEN_PATHS and request.method != "OPTIONS"
-        if protected and not _key_matches(request, options.api_key or ""):
-            denied = errors.error_response(
-                request, errors.Unauthorized("missing or wrong API key", "send Authorization: Bearer KEY")
-            )
-            _count(request, denied.status_code)
-            return denied
-        response: Response = await call_next(request)
-        _count(request, response.status_code)
-        return response
-
-    def _count(request: Request, status: int) -> None:
-        route = request.scope.get("route")
-        metrics.requests.labels(getattr(route, "path", "other"), str(status)).inc()
-
-    if options.cors_origins:
+    app.add_middleware(_Gate, api_key=options.api_key, metrics=metrics)
+    if options.cors_origins:  # outermost: answers preflights, and a browser can read even a 401
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(
@@ -123,10 +105,56 @@ def create_app(options: ServeOptions, on_ready: Callable[[], None] | None = None
     return app
 
 
-def _key_matches(request: Request, api_key: str) -> bool:
-    authorization = request.headers.get("authorization", "")
+class _Gate:
+    """Pure ASGI middleware: reads any POST body as JSON, checks the API key, counts requests by route and status.
+
+    Not Starlette's BaseHTTPMiddleware: that one pipes streamed responses through a
+    task of its own, which held up other requests while a client was not reading.
+    """
+
+    def __init__(self, app: ASGIApp, api_key: str | None, metrics: Metrics) -> None:
+        self.app = app
+        self.api_key = api_key
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        if scope["method"] == "POST" and "json" not in headers.get("content-type", ""):
+            # `curl -d '{...}'` sends form encoding; like OpenAI and llama-server, read the body as JSON anyway.
+            kept = [(key, value) for key, value in scope["headers"] if key != b"content-type"]
+            scope = {**scope, "headers": [*kept, (b"content-type", b"application/json")]}
+        protected = self.api_key and scope["path"] not in OPEN_PATHS and scope["method"] != "OPTIONS"
+        if protected and not _key_matches(headers, self.api_key or ""):
+            error = errors.Unauthorized("missing or wrong API key", "send Authorization: Bearer KEY")
+            denied = errors.error_response(Request(scope), error)
+            self._count(scope, denied.status_code)
+            await denied(scope, receive, send)
+            return
+        status = 500
+
+        async def send_counting(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_counting)
+        finally:
+            self._count(scope, status)
+
+    def _count(self, scope: Scope, status: int) -> None:
+        route = scope.get("route")  # set by the router on this same scope
+        self.metrics.requests.labels(getattr(route, "path", "other"), str(status)).inc()
+
+
+def _key_matches(headers: Headers, api_key: str) -> bool:
+    authorization = headers.get("authorization", "")
     scheme, _, token = authorization.partition(" ")
-    given = token.strip() if scheme.lower() == "bearer" else request.headers.get("x-api-key", "")
+    given = token.strip() if scheme.lower() == "bearer" else headers.get("x-api-key", "")
     return hmac.compare_digest(given.encode(), api_key.encode())
 
 

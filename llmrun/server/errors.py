@@ -85,6 +85,9 @@ def install(app: FastAPI) -> None:
     async def handle(request: Request, error: Exception) -> JSONResponse:
         return error_response(request, error)
 
+    from llmrun.server.transport import ClientGone, client_gone_response
+
+    app.add_exception_handler(ClientGone, client_gone_response)
     app.add_exception_handler(LlmrunError, handle)
     app.add_exception_handler(RequestValidationError, handle)
     app.add_exception_handler(HTTPException, handle)

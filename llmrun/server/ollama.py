@@ -14,7 +14,6 @@ from datetime import datetime, timezone
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from llmrun import __version__
@@ -22,6 +21,7 @@ from llmrun.errors import LlmrunError, ModelNotFound, UsageError
 from llmrun.server.inference import Finished, InferenceRequest, Stream, TextDelta, embed, start
 from llmrun.server.pool import LoadedModel, parse_keep_alive
 from llmrun.server.sampling import sampling_from
+from llmrun.server.transport import EventStream, unless_disconnected
 
 router = APIRouter(prefix="/api")
 NDJSON = "application/x-ndjson"
@@ -44,6 +44,7 @@ class Options(_Lenient):
     num_predict: int | None = None
     stop: list[str] | str | None = None
     num_ctx: int | None = Field(default=None, ge=1)
+    ignore_eos: bool = False  # llmrun's (and llama-server's): generate num_predict tokens, for load tests
 
 
 class ChatMessage(_Lenient):
@@ -133,7 +134,8 @@ def _request(body: _Generation, route: str, **fields: Any) -> InferenceRequest:
     )  # fmt: skip
     return InferenceRequest(
         model=body.model, sampling=sampling, max_tokens=max_tokens, stop=stops, json_schema=schema,
-        json_any=json_any, keep_alive_s=parse_keep_alive(body.keep_alive), route=route, **fields,
+        json_any=json_any, ignore_eos=options.ignore_eos, keep_alive_s=parse_keep_alive(body.keep_alive), route=route,
+        **fields,
     )  # fmt: skip
 
 
@@ -168,7 +170,11 @@ async def _ndjson_stream(stream: Stream, records: AsyncIterator[dict[str, Any]])
 
 
 async def _respond(
-    stream: Stream, streaming: bool, piece: Callable[[str], dict[str, Any]], final: Callable[[str], dict[str, Any]]
+    request: Request,
+    stream: Stream,
+    streaming: bool,
+    piece: Callable[[str], dict[str, Any]],
+    final: Callable[[str], dict[str, Any]],
 ) -> Any:
     """Ollama's two shapes of one answer: a line per piece and a last line with the counts, or one object."""
     model_name = stream.model.name
@@ -184,18 +190,22 @@ async def _respond(
                        "done_reason": _done_reason(event), **_durations(stream, event)}  # fmt: skip
 
     if streaming:
-        return StreamingResponse(_ndjson_stream(stream, records()), media_type=NDJSON)
-    text: list[str] = []
-    last: dict[str, Any] = {}
-    try:
-        async for record in records():
-            if record["done"]:
-                last = record
-            else:
-                text.append(next(iter(piece_text(record))))
-    finally:
-        stream.close()
-    return {**last, **final("".join(text))}
+        return EventStream(_ndjson_stream(stream, records()), media_type=NDJSON)
+
+    async def gather() -> dict[str, Any]:
+        text: list[str] = []
+        last: dict[str, Any] = {}
+        try:
+            async for record in records():
+                if record["done"]:
+                    last = record
+                else:
+                    text.append(next(iter(piece_text(record))))
+        finally:
+            stream.close()
+        return {**last, **final("".join(text))}
+
+    return await unless_disconnected(request, gather())
 
 
 def piece_text(record: dict[str, Any]) -> list[str]:
@@ -228,6 +238,7 @@ async def chat(body: ChatRequest, request: Request) -> Any:
     messages = [{"role": message.role, "content": message.content} for message in body.messages]
     stream = await start(request.app.state.pool, _request(body, "/api/chat", messages=messages))
     return await _respond(
+        request,
         stream,
         body.stream,
         lambda text: {"message": {"role": "assistant", "content": text}},
@@ -248,7 +259,7 @@ async def generate(body: GenerateRequest, request: Request) -> Any:
         fields = {"messages": [*messages, {"role": "user", "content": body.prompt}]}
     stream = await start(request.app.state.pool, _request(body, "/api/generate", **fields))
     return await _respond(
-        stream, body.stream, lambda text: {"response": text}, lambda text: {"response": text, "context": []}
+        request, stream, body.stream, lambda text: {"response": text}, lambda text: {"response": text, "context": []}
     )
 
 
@@ -440,7 +451,7 @@ async def pull(body: PullRequest, request: Request) -> Any:
             async for record in records():
                 yield _ndjson(record)
 
-        return StreamingResponse(lines(), media_type=NDJSON)
+        return EventStream(lines(), media_type=NDJSON)
     last: dict[str, Any] = {}
     while (record := await queue.get()) is not None:
         last = record

@@ -15,12 +15,13 @@ from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from llmrun.errors import UsageError
 from llmrun.server.inference import Finished, InferenceRequest, Stream, TextDelta, embed, start
 from llmrun.server.sampling import sampling_from
+from llmrun.server.transport import EventStream, unless_disconnected
 
 router = APIRouter(prefix="/v1")
 
@@ -234,7 +235,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     created = int(time.time())
     model_name = stream.model.name
     if not body.stream:
-        finished, gathered = await _gather(stream)
+        finished, gathered = await unless_disconnected(request, _gather(stream))
         choices = [
             {
                 "index": event.index,
@@ -273,7 +274,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         if include_usage:
             yield _sse({**base, "choices": [], "usage": _usage(finished)})
 
-    return StreamingResponse(_sse_stream(stream, chunks()), media_type="text/event-stream", headers=SSE_HEADERS)
+    return EventStream(_sse_stream(stream, chunks()), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
 @router.post("/completions", response_model=None)
@@ -303,13 +304,22 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     base = {"id": completion_id, "object": "text_completion", "created": created, "model": model_name,
             "system_fingerprint": "llmrun"}  # fmt: skip
     if not body.stream:
-        finished = []
-        gathered: dict[int, list[Any]] = {}
-        for prompt_index, stream in enumerate(streams):
-            events, logprobs = await _gather(stream)
-            finished.extend(events)
-            for index, entries in logprobs.items():
-                gathered[prompt_index * body.n + index] = entries
+
+        async def gather_all() -> tuple[list[Finished], dict[int, list[Any]]]:
+            finished: list[Finished] = []
+            gathered: dict[int, list[Any]] = {}
+            try:
+                for prompt_index, stream in enumerate(streams):
+                    events, logprobs = await _gather(stream)
+                    finished.extend(events)
+                    for index, entries in logprobs.items():
+                        gathered[prompt_index * body.n + index] = entries
+            finally:
+                for stream in streams:
+                    stream.close()
+            return finished, gathered
+
+        finished, gathered = await unless_disconnected(request, gather_all())
         choices = []
         for number, event in enumerate(finished):
             choices.append({
@@ -348,7 +358,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
             usage.pop("prompt_tokens_details")
             yield _sse({**base, "choices": [], "usage": usage})
 
-    return StreamingResponse(_sse_stream(stream, chunks()), media_type="text/event-stream", headers=SSE_HEADERS)
+    return EventStream(_sse_stream(stream, chunks()), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
 def _completion_logprobs(entries: list[Any]) -> dict[str, Any]:

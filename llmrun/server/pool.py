@@ -282,6 +282,10 @@ def _load_engine(name: str, path: Path, options: PoolOptions) -> tuple[Engine, E
             n_threads=options.threads,
             gpu_layers=options.gpu_layers,
             n_slots=options.parallel,
+            # Flash attention's CPU kernel rounds differently with the size of a prompt chunk, and
+            # chunks depend on what else is running: off, so a greedy answer is the same alone or
+            # among others (see Scheduler.step).
+            flash_attn=False if options.parallel > 1 else None,
             debug=options.debug,
         ),
     )
