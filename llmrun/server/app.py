@@ -53,6 +53,7 @@ def create_app(options: ServeOptions, on_ready: Callable[[], None] | None = None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await _warm_up()
         for name in options.models:
             model = await pool.acquire(name)
             pool.release(model, None)
@@ -149,6 +150,17 @@ class _Gate:
     def _count(self, scope: Scope, status: int) -> None:
         route = scope.get("route")  # set by the router on this same scope
         self.metrics.requests.labels(getattr(route, "path", "other"), str(status)).inc()
+
+
+async def _warm_up() -> None:
+    """Import now what the first request would (anyio's backend alone takes most of a second on a slow CPU)."""
+    import anyio
+
+    import llmrun.engine.sampling  # noqa: F401
+    import llmrun.store.models  # noqa: F401
+
+    async with anyio.create_task_group():
+        pass
 
 
 def _key_matches(headers: Headers, api_key: str) -> bool:

@@ -10,7 +10,9 @@ thread through ``loop.call_soon_threadsafe``.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -105,7 +107,7 @@ class Stream:
     def _start(self, prepared: Prepared) -> None:
         from llmrun.engine import GenerationRequest
 
-        loop = asyncio.get_running_loop()
+        mailbox = _mailbox(asyncio.get_running_loop())
         request = self.request
         sampling = self.request.sampling or _default_sampling()
         for index in range(request.n):
@@ -124,7 +126,7 @@ class Stream:
             )
 
             def deliver(update: SequenceUpdate, index: int = index) -> None:
-                loop.call_soon_threadsafe(self._queue.put_nowait, (index, update))
+                mailbox.post(self._queue, (index, update))
 
             self._tickets.append(self.model.worker.submit(generation, deliver))
 
@@ -161,6 +163,48 @@ class Stream:
             for ticket in self._tickets:
                 ticket.cancel()
         self._pool.release(self.model, self.request.keep_alive_s, weight=self.request.n)
+
+
+class _Mailbox:
+    """Hands updates from engine threads to the event loop: one wake-up for all that arrive together.
+
+    An engine step yields a token for every running sequence; waking the loop once per
+    token would cost a system call each and compete for the CPU with the next decode.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._items: list[tuple[asyncio.Queue[Any], Any]] = []
+
+    def post(self, queue: asyncio.Queue[Any], item: Any) -> None:
+        """From any thread: put ``item`` on ``queue`` soon."""
+        with self._lock:
+            self._items.append((queue, item))
+            if len(self._items) > 1:
+                return  # a flush is already on its way
+        try:
+            self._loop.call_soon_threadsafe(self._flush)
+        except RuntimeError:  # the loop has closed: nobody is listening any more
+            with self._lock:
+                self._items.clear()
+            raise
+
+    def _flush(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
+_MAILBOXES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox] = weakref.WeakKeyDictionary()
+
+
+def _mailbox(loop: asyncio.AbstractEventLoop) -> _Mailbox:
+    mailbox = _MAILBOXES.get(loop)
+    if mailbox is None:
+        mailbox = _MAILBOXES[loop] = _Mailbox(loop)
+    return mailbox
 
 
 def _default_sampling() -> SamplingParams:

@@ -289,4 +289,6 @@ def _load_engine(name: str, path: Path, options: PoolOptions) -> tuple[Engine, E
             debug=options.debug,
         ),
     )
+    with contextlib.suppress(LlmrunError):  # compile the chat template now, not in the first request
+        engine.chat_prompt([{"role": "user", "content": "Hi"}])
     return engine, EngineWorker(engine, name)
