@@ -263,6 +263,35 @@ def test_greedy_answers_are_the_same_alone_and_among_eight(store_cli: Cli) -> No
         crowded.stop()
 
 
+def test_a_prefix_shared_by_requests_arriving_together_is_evaluated_once(store_cli: Cli) -> None:
+    sharing = Server(store_cli, "--parallel", "4", "--ctx", "2048")
+    questions = ["Who are you?", "What is 2+2?", "Name a color.", "Say hello."]
+    try:
+        prompt_tokens: dict[int, int] = {}
+
+        def ask(index: int) -> None:
+            answer = sharing.openai(timeout=240).chat.completions.create(
+                model="smollm2", max_tokens=4, temperature=0,
+                messages=[{"role": "system", "content": SHARED_SYSTEM}, {"role": "user", "content": questions[index]}],
+            )  # fmt: skip
+            prompt_tokens[index] = answer.usage.prompt_tokens  # type: ignore[union-attr]
+
+        threads = [threading.Thread(target=ask, args=(index,)) for index in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=300)
+        metrics = httpx.get(f"{sharing.url}/metrics").text
+        hits = next(float(line.split()[-1]) for line in metrics.splitlines()
+                    if line.startswith("llmrun_prefix_cache_hit_tokens"))  # fmt: skip
+        shared = min(prompt_tokens.values()) - 20  # the system prompt, less the question and the template around it
+        assert shared > 300 and hits >= 3 * shared, (hits, prompt_tokens)
+        logged = store_cli("logs", "--json", "-n", "0").json()
+        assert sum(entry["model"] == "smollm2" and entry["prompt"] in questions for entry in logged) == 4
+    finally:
+        sharing.stop()
+
+
 def test_disconnecting_client_frees_its_slot(server: Server) -> None:
     body = {"model": "smollm2", "messages": [{"role": "user", "content": "Count"}], "max_tokens": 2000,
             "ignore_eos": True, "stream": True}  # fmt: skip
