@@ -227,7 +227,7 @@ class Scheduler:
             sequence = self.waiting.popleft()
             prompt = sequence.request.prompt_tokens
             # The slot holding most of the prompt already; among equals the lowest, so that busy slots
-            # stay consecutive (see _build_batch).
+            # stay consecutive (see _plan).
             slot = max(self.free_slots, key=lambda free: (_common_prefix(self.slot_tokens[free], prompt), -free))
             self.free_slots.remove(slot)
             # Keep the shared prefix, but evaluate at least the last prompt token (its logits are
