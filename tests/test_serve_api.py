@@ -15,7 +15,8 @@ import httpx
 import ollama
 import openai
 import pytest
-from conftest import LLMRUN, Cli
+from conftest import LLMRUN, Cli, hub_env
+from hub_standin import Fault, HubStandIn
 
 STARTUP_TIMEOUT_S = 90
 
@@ -395,3 +396,72 @@ def test_sigterm_ends_open_streams_and_exits_0(store_cli: Cli) -> None:
     assert ending.process.wait(timeout=30) == 0
     logged = store_cli("logs", "--json", "-n", "0").json()
     assert isinstance(logged, list)
+
+
+def test_ollama_client_pulls_from_the_hub_and_deletes(cli: Cli, hub: HubStandIn, home: Path, smollm2: Path) -> None:
+    """/api/pull and /api/delete through the real ollama client, on the same store as the CLI."""
+    env, base_env = hub_env(hub, home), cli.env
+    cli.env = lambda **extra: base_env(**{**env, **extra})  # type: ignore[method-assign]
+    assert cli("import", str(smollm2), "--name", "smollm2", "--link").returncode == 0
+    hub.add_file("someone/Broken-GGUF", "Broken-Q4_K_M.gguf", smollm2)
+    hub.fault("someone/Broken-GGUF", "Broken-Q4_K_M.gguf", Fault(corrupt=True))
+    serving = Server(cli, "--ctx", "512", "--no-log")
+    client = ollama.Client(host=serving.url)
+    pulled = "bartowski/Tiny-GGUF:Q4_K_M"
+    try:
+        records = list(client.pull("bartowski/Tiny-GGUF", stream=True))
+        assert records[-1].status == "success" and any(record.total for record in records), records
+        assert pulled in [model.model for model in client.list().models]
+        assert client.generate(model=pulled, prompt="Hi", options={"num_predict": 3}).done
+        for missing in ("someone/missing-GGUF", "someone/Broken-GGUF"):
+            with pytest.raises(ollama.ResponseError) as refused:
+                client.pull(missing, stream=False)
+            assert 400 <= refused.value.status_code < 600, missing
+        listed = [entry["name"] for entry in cli("list", "--json").json()]
+        assert not any("Broken" in name for name in listed), listed
+        assert pulled in [model.model for model in client.ps().models]
+        client.delete(pulled)  # loaded: unloaded, then removed
+        assert pulled not in [model.model for model in client.list().models]
+        assert pulled not in [model.model for model in client.ps().models]
+        assert pulled not in [entry["name"] for entry in cli("list", "--json").json()]
+        with pytest.raises(ollama.ResponseError) as unknown:
+            client.delete("nothing-here")
+        assert unknown.value.status_code == 404
+        assert client.generate(model="smollm2", prompt="Hi", options={"num_predict": 2}).done  # still serving
+    finally:
+        serving.stop()
+
+
+def test_a_long_prompt_does_not_stall_running_streams(store_cli: Cli) -> None:
+    """A 1,200-token prompt is fed in chunks between decode steps: a running stream keeps getting tokens."""
+    serving = Server(store_cli, "--parallel", "2", "--ctx", "1536", "--no-log")
+    long_prompt = " ".join(f"Item {i} is on shelf {i % 7}." for i in range(130)) + " Which shelf holds item 3?"
+    body = {"model": "smollm2", "messages": [{"role": "user", "content": "Count to a thousand."}],
+            "max_tokens": 400, "ignore_eos": True, "stream": True}  # fmt: skip
+    arrivals: list[float] = []
+    timing: dict[str, float] = {}
+
+    def ask_long() -> None:
+        began = time.monotonic()
+        answer = serving.openai(timeout=300).completions.create(model="smollm2", prompt=long_prompt, max_tokens=1)
+        timing.update(began=began, ended=time.monotonic(), tokens=answer.usage.prompt_tokens)  # type: ignore[union-attr]
+
+    try:
+        with httpx.stream("POST", f"{serving.url}/v1/chat/completions", json=body, timeout=300) as response:
+            lines = response.iter_lines()
+            for _ in range(5):
+                next(lines)
+            long_request = threading.Thread(target=ask_long)
+            long_request.start()
+            for _line in lines:
+                arrivals.append(time.monotonic())
+                if not long_request.is_alive() and "ended" in timing and arrivals[-1] > timing["ended"] + 1:
+                    break
+            long_request.join(timeout=300)
+        during = [at for at in arrivals if timing["began"] <= at <= timing["ended"]]
+        gaps = [later - earlier for earlier, later in zip(during, during[1:], strict=False)]
+        prefill_s = timing["ended"] - timing["began"]
+        assert timing["tokens"] > 1024 and len(during) >= 3, (timing, len(during))
+        assert max(gaps) < 0.5 * prefill_s, (max(gaps), prefill_s)
+    finally:
+        serving.stop()
