@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import llama_cpp
 import ollama
 import openai
 import pytest
@@ -129,6 +130,22 @@ def test_json_schema_output_parses_and_matches(server: Server) -> None:
     )  # fmt: skip
     person = json.loads(answer.choices[0].message.content or "")
     assert isinstance(person["name"], str) and isinstance(person["age"], int)
+
+
+def test_json_schema_strings_never_hold_raw_control_characters(server: Server, smollm2: Path) -> None:
+    """JSON forbids a raw newline or tab inside a string; push both up so only the grammar keeps them out."""
+    vocab = llama_cpp.Llama(str(smollm2), vocab_only=True, verbose=False)
+    controls = {str(token): 30.0 for text in (b"\n", b"\t") for token in vocab.tokenize(text, add_bos=False)}
+    schema = {"type": "object", "properties": {"poem": {"type": "string"}}, "required": ["poem"]}
+    answer = server.openai().chat.completions.create(
+        model="smollm2", messages=[{"role": "user", "content": "Write a short poem, as JSON."}], max_tokens=40,
+        logit_bias=controls, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "poem", "schema": schema}},
+    )  # fmt: skip
+    text = answer.choices[0].message.content or ""
+    assert "\n" not in text and "\t" not in text
+    if answer.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(text)["poem"], str)
 
 
 def test_embeddings_float_and_base64(server: Server) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +52,11 @@ def check_grammar(vocab: Any, grammar: str) -> None:
     llama_cpp.llama_sampler_free(grammar_sampler(vocab, grammar))
 
 
+# llama-cpp-python's port of the converter lets a string hold raw control characters (a newline, a tab), which
+# JSON forbids; llama.cpp's own converter excludes them, as this rule does.
+_STRICT_CHAR_RULE = r'char ::= [^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4})'
+
+
 def json_schema_grammar(schema: dict[str, Any] | None) -> str:
     """GBNF for JSON matching ``schema`` (any JSON object for None), by llama.cpp's JSON-schema converter."""
     from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
@@ -58,9 +64,10 @@ def json_schema_grammar(schema: dict[str, Any] | None) -> str:
     if schema is None:
         return JSON_GBNF
     try:
-        return str(json_schema_to_gbnf(json.dumps(schema)))
+        grammar = str(json_schema_to_gbnf(json.dumps(schema)))
     except (ValueError, KeyError, TypeError, RecursionError, NotImplementedError) as error:
         raise UsageError(f"the JSON schema cannot be turned into a grammar: {error}", "simplify the schema") from None
+    return re.sub(r"^char ::= .*$", lambda _: _STRICT_CHAR_RULE, grammar, flags=re.MULTILINE)
 
 
 class SamplerChain:
