@@ -247,8 +247,8 @@ SHARED_SYSTEM = "You are a careful assistant. " + " ".join(f"Rule {i}: be exact 
 
 
 def test_greedy_answers_are_the_same_alone_and_among_eight(store_cli: Cli) -> None:
-    """Batch company must not change a greedy answer: plain prompts, and prompts whose shared prefix is copied."""
-    crowded = Server(store_cli, "--parallel", "8", "--ctx", "2048", "--no-log")
+    """With --deterministic, company must not change a greedy answer: plain prompts, and ones whose prefix is copied."""
+    crowded = Server(store_cli, "--parallel", "8", "--ctx", "2048", "--no-log", "--deterministic")
     prompts = ["Tell me about the sea.", "Write a poem about cats.", "What is 2+2?", "Explain gravity."]
     requests = [([], prompt) for prompt in prompts] + [([SHARED_SYSTEM], prompt) for prompt in prompts]
 

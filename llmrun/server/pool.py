@@ -49,6 +49,7 @@ class PoolOptions:
     keep_alive_s: float = DEFAULT_KEEP_ALIVE_S  # negative: forever
     max_loaded: int = DEFAULT_MAX_LOADED
     queue: int | None = None  # requests waiting for a slot, per model; None: 4 x parallel
+    deterministic: bool = False  # batch-invariant: flash attention off (see _load_engine)
     debug: bool = False
 
     @property
@@ -282,10 +283,12 @@ def _load_engine(name: str, path: Path, options: PoolOptions) -> tuple[Engine, E
             n_threads=options.threads,
             gpu_layers=options.gpu_layers,
             n_slots=options.parallel,
-            # Flash attention's CPU kernel rounds differently with the size of a prompt chunk, and
-            # chunks depend on what else is running: off, so a greedy answer is the same alone or
-            # among others (see Scheduler.step).
-            flash_attn=False if options.parallel > 1 else None,
+            # Flash attention (llama.cpp turns it on where it is faster, as in llama-server) rounds
+            # differently with the number of queries in a chunk and of sequences in a batch, both of
+            # which depend on what else is running. --deterministic turns it off, and with the
+            # scheduler's fixed batch shapes (see Scheduler.step) a greedy answer is then the same
+            # alone or among others.
+            flash_attn=False if options.deterministic else None,
             debug=options.debug,
         ),
     )
