@@ -54,6 +54,7 @@ PARALLEL = 8
 N_GEN = 128
 SHARED_PREFIX_CLIENTS = 8
 SHARED_PREFIX_GEN = 16
+SHARED_PREFIX_TOKENS = 1000  # about; a byte-level vocabulary gets fewer rules
 TOPICS = ("a lighthouse keeper", "a lost robot", "the first city on Mars", "a chess prodigy", "a river in winter",
           "an old map", "a night train", "a beekeeper", "a deep-sea diver", "a forgotten song", "a glass factory",
           "a desert storm", "a clockmaker", "a volcano island", "a mountain rescue", "a quiet library")  # fmt: skip
@@ -189,13 +190,22 @@ async def load(server: Server, concurrency: int) -> dict[str, float]:
             "tokens": tokens}  # fmt: skip
 
 
-def shared_system_prompt(round_id: str) -> str:
-    rules = " ".join(f"Rule {i}: answer questions about topic {i} with care, citing rule {i}." for i in range(62))
+def shared_system_prompt(round_id: str, n_rules: int = 62) -> str:
+    rules = " ".join(f"Rule {i}: answer questions about topic {i} with care, citing rule {i}." for i in range(n_rules))
     return f"Session {round_id}. You are the assistant of a help desk. {rules}"
 
 
-async def shared_prefix(server: Server, round_id: str) -> dict[str, float]:
-    system = shared_system_prompt(round_id)
+def shared_rules_for(model: Path, target_tokens: int = SHARED_PREFIX_TOKENS) -> int:
+    """How many rules make the shared system prompt about ``target_tokens`` long in this model's vocabulary."""
+    full = count_tokens(model, shared_system_prompt("0-0", 62))
+    n_rules = 62 if full <= target_tokens * 1.3 else max(1, int(62 * target_tokens * 1.25 / full))
+    while n_rules > 1 and count_tokens(model, shared_system_prompt("0-0", n_rules)) > target_tokens * 1.3:
+        n_rules -= 1
+    return n_rules
+
+
+async def shared_prefix(server: Server, round_id: str, n_rules: int) -> dict[str, float]:
+    system = shared_system_prompt(round_id, n_rules)
     async with httpx.AsyncClient(timeout=900) as client:
         started = time.perf_counter()
         outcomes = await asyncio.gather(*[
@@ -223,6 +233,10 @@ def idle_cpu_percent(server: Server, seconds: float = 5.0) -> float:
 
 def count_tokens(model: Path, text: str) -> int:
     import llama_cpp
+
+    from llmrun.engine.native import init_native
+
+    init_native(False)  # llama.cpp's log stays quiet
 
     params = llama_cpp.llama_model_default_params()
     params.vocab_only = True
@@ -270,6 +284,7 @@ def bench_model(model: Path, args: argparse.Namespace, bin_dir: Path) -> dict[st
     """All servers up at once (idle ones use no CPU); each measurement runs on one server after the other."""
     results: dict[str, dict[str, list[Any]]] = {}
     notes: list[str] = []
+    n_rules = shared_rules_for(model)
     with tempfile.TemporaryDirectory() as home_dir:
         servers = servers_for(model, args.threads, args.ctx, bin_dir, Path(home_dir), set(args.skip))
         running = []
@@ -291,7 +306,7 @@ def bench_model(model: Path, args: argparse.Namespace, bin_dir: Path) -> dict[st
                 if args.no_shared_prefix:
                     continue
                 for server in running:
-                    outcome = asyncio.run(shared_prefix(server, f"{round_index}-{time.time_ns()}"))
+                    outcome = asyncio.run(shared_prefix(server, f"{round_index}-{time.time_ns()}", n_rules))
                     results[server.name].setdefault("shared", []).append(outcome)
                     print(f"  round {round_index + 1} {server.name:<17} shared 1k prefix x8: TTFT p50 "
                           f"{outcome['ttft_p50']:.3f}s p95 {outcome['ttft_p95']:.3f}s", flush=True)  # fmt: skip
@@ -369,7 +384,7 @@ def main() -> int:
         print(f"{model.name}", flush=True)
         data = bench_model(model, args, bin_dir)
         raw[model.name] = data
-        shared_tokens = count_tokens(model, shared_system_prompt("0-0"))
+        shared_tokens = count_tokens(model, shared_system_prompt("0-0", shared_rules_for(model)))
         lines += report(model, data, args.concurrency, shared_tokens)
     print("\n".join(lines))
     if args.json:
