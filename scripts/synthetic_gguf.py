@@ -74,7 +74,13 @@ def vocabulary() -> tuple[list[str], list[int]]:
 
 
 def write_model(
-    path: Path, shape: Shape = PRESETS["tiny"], *, seed: int = 0, float_type: str = "f32", split_max_tensors: int = 0
+    path: Path,
+    shape: Shape = PRESETS["tiny"],
+    *,
+    seed: int = 0,
+    float_type: str = "f32",
+    split_max_tensors: int = 0,
+    chat_template: str = CHATML_TEMPLATE,
 ) -> Path:
     """Write the model to ``path``; weights are random but fixed by ``seed``.
 
@@ -111,7 +117,7 @@ def write_model(
     writer.add_bos_token_id(tokens.index("<|endoftext|>"))
     writer.add_eos_token_id(tokens.index("<|im_end|>"))
     writer.add_add_bos_token(False)
-    writer.add_chat_template(CHATML_TEMPLATE)
+    writer.add_chat_template(chat_template)
 
     def weight(*dims: int, scale: float | None = None) -> np.ndarray:
         std = scale if scale is not None else 1.0 / np.sqrt(dims[-1])

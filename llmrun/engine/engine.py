@@ -185,15 +185,19 @@ class Engine:
         """Tokens one sequence may hold: prompt plus generated text."""
         return self.scheduler.seq_capacity
 
-    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+    def chat_prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
         """Tokens for a conversation in the model's own chat template (plain text when it has none)."""
         model = self.model
         if not model.chat_template:
-            text = "\n\n".join(message["content"] for message in messages)
+            text = "\n\n".join(str(message.get("content") or "") for message in messages)
             return model.tokenize(text, add_special=True, parse_special=False)
         bos_text = model.token_text(model.bos_token)
         text = render_chat(
-            model.chat_template, messages, bos_token=bos_text, eos_token=model.token_text(model.eos_token)
+            model.chat_template,
+            messages,
+            bos_token=bos_text,
+            eos_token=model.token_text(model.eos_token),
+            tools=tools,
         )
         # A template that writes BOS itself must not get a second one from the tokenizer.
         add_special = not (bos_text and text.startswith(bos_text))

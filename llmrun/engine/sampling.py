@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import ctypes
 import random
 import re
 from dataclasses import dataclass
@@ -35,21 +35,30 @@ class SamplingParams:
     seed: int | None = None
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token, bias) added to the logits before anything else
     grammar: str | None = None  # GBNF with a ``root`` rule: only text it accepts can be generated
+    # Regular expressions that must match all the text so far before the grammar applies (a lazy
+    # grammar: free text until, say, "<tool_call>"); it constrains from the first group's start on.
+    grammar_triggers: tuple[str, ...] = ()
 
 
-def grammar_sampler(vocab: Any, grammar: str) -> Any:
-    """A llama.cpp grammar sampler; a grammar llama.cpp cannot parse is a UsageError."""
+def grammar_sampler(vocab: Any, grammar: str, triggers: tuple[str, ...] = ()) -> Any:
+    """A llama.cpp grammar sampler (lazy with ``triggers``); a grammar llama.cpp cannot parse is a UsageError."""
     NATIVE_LOG.clear_errors()
-    sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
+    if triggers:
+        patterns = (ctypes.c_char_p * len(triggers))(*(pattern.encode() for pattern in triggers))
+        sampler = llama_cpp.llama_sampler_init_grammar_lazy_patterns(
+            vocab, grammar.encode(), b"root", patterns, len(triggers), None, 0
+        )
+    else:
+        sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
     if not sampler:
         detail = NATIVE_LOG.first_error()
         raise UsageError("the grammar is not valid GBNF" + (f": {detail}" if detail else ""), "check its rules")
     return sampler
 
 
-def check_grammar(vocab: Any, grammar: str) -> None:
+def check_grammar(vocab: Any, grammar: str, triggers: tuple[str, ...] = ()) -> None:
     """Raise UsageError unless llama.cpp accepts the grammar (before a request is queued)."""
-    llama_cpp.llama_sampler_free(grammar_sampler(vocab, grammar))
+    llama_cpp.llama_sampler_free(grammar_sampler(vocab, grammar, triggers))
 
 
 # llama-cpp-python's port of the converter lets a string hold raw control characters (a newline, a tab), which
@@ -59,13 +68,20 @@ _STRICT_CHAR_RULE = r'char ::= [^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-
 
 def json_schema_grammar(schema: dict[str, Any] | None) -> str:
     """GBNF for JSON matching ``schema`` (any JSON object for None), by llama.cpp's JSON-schema converter."""
-    from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+    from llama_cpp.llama_grammar import JSON_GBNF
 
-    if schema is None:
-        return JSON_GBNF
+    return JSON_GBNF if schema is None else json_schema_rules(schema)
+
+
+def json_schema_rules(schema: dict[str, Any], name: str = "root") -> str:
+    """GBNF rules for JSON matching ``schema``, the top one called ``name`` (to use inside a larger grammar)."""
+    from llama_cpp.llama_grammar import SchemaConverter
+
     try:
-        grammar = str(json_schema_to_gbnf(json.dumps(schema)))
-    except (ValueError, KeyError, TypeError, RecursionError, NotImplementedError) as error:
+        converter = SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)  # type: ignore[no-untyped-call]
+        converter.visit(converter.resolve_refs(schema, "schema"), "" if name == "root" else name)  # type: ignore[no-untyped-call]
+        grammar = str(converter.format_grammar())  # type: ignore[no-untyped-call]
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError, NotImplementedError) as error:
         raise UsageError(f"the JSON schema cannot be turned into a grammar: {error}", "simplify the schema") from None
     return re.sub(r"^char ::= .*$", lambda _: _STRICT_CHAR_RULE, grammar, flags=re.MULTILINE)
 
@@ -85,7 +101,7 @@ class SamplerChain:
             add(self.handle, llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(params.logit_bias), biases))
         if params.grammar is not None:
             # Before top-k: the grammar must choose among every token, or top-k may keep none it allows.
-            add(self.handle, grammar_sampler(vocab, params.grammar))
+            add(self.handle, grammar_sampler(vocab, params.grammar, params.grammar_triggers))
         # top-k first: the penalty sampler is slow over a whole vocabulary (llama.h says so), and
         # penalties only lower logits, so the tokens they could promote are already among the top k.
         if params.top_k > 0:

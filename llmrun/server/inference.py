@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from llmrun.errors import LlmrunError, UsageError
+from llmrun.tools import ArgumentsPiece, CallStart, ContentPiece, Tool, ToolCall, ToolCallParser, ToolChoice, ToolPlan
 
 if TYPE_CHECKING:
     from llmrun.engine import Engine, SamplingParams
@@ -42,6 +43,9 @@ class InferenceRequest:
     json_schema: dict[str, Any] | None = None  # constrain output to JSON matching this schema
     json_any: bool = False  # constrain output to some JSON object
     keep_alive_s: float | None = None  # None: the server's default
+    tools: tuple[Tool, ...] = ()  # functions the model may call (chat only)
+    tool_choice: ToolChoice = ToolChoice()
+    parallel_tool_calls: bool = True
     route: str = ""  # for metrics and the log
 
 
@@ -66,20 +70,32 @@ class TextDelta:
 
 
 @dataclass(frozen=True)
+class ToolCallDelta:
+    """Part of tool call ``call_index`` of answer ``index``: its id and name first, then its arguments in pieces."""
+
+    index: int
+    call_index: int
+    id: str | None
+    name: str | None
+    arguments: str  # a piece of the arguments object's JSON text
+
+
+@dataclass(frozen=True)
 class Finished:
     """Answer ``index`` is complete."""
 
     index: int
-    finish_reason: str  # stop, length, cancelled, error
-    text: str  # the whole answer
+    finish_reason: str  # stop, length, tool_calls, cancelled, error
+    text: str  # the whole answer text (without tool calls)
     usage: Usage
     time_to_first_token_s: float
     generation_s: float
     total_s: float
     error: LlmrunError | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
-Event = TextDelta | Finished
+Event = TextDelta | ToolCallDelta | Finished
 
 
 @dataclass(frozen=True)
@@ -88,6 +104,8 @@ class Prepared:
 
     prompt_tokens: tuple[int, ...]
     grammar: str | None
+    grammar_triggers: tuple[str, ...] = ()
+    tools: ToolPlan | None = None  # set when the output is parsed for tool calls
 
 
 class Stream:
@@ -103,6 +121,7 @@ class Stream:
         self._tickets: list[Ticket] = []
         self._open = request.n
         self._released = False
+        self._parsers: list[ToolCallParser] = []
 
     def _start(self, prepared: Prepared) -> None:
         from llmrun.engine import GenerationRequest
@@ -113,7 +132,9 @@ class Stream:
         for index in range(request.n):
             choice_sampling = sampling
             if prepared.grammar is not None:
-                choice_sampling = replace(choice_sampling, grammar=prepared.grammar)
+                choice_sampling = replace(
+                    choice_sampling, grammar=prepared.grammar, grammar_triggers=prepared.grammar_triggers
+                )
             if index > 0 and sampling.seed is not None:
                 choice_sampling = replace(choice_sampling, seed=sampling.seed + index)
             generation = GenerationRequest(
@@ -129,25 +150,42 @@ class Stream:
                 mailbox.post(self._queue, (index, update))
 
             self._tickets.append(self.model.worker.submit(generation, deliver))
+        if prepared.tools is not None:
+            self._parsers = [ToolCallParser(prepared.tools) for _ in range(request.n)]
 
     async def __aiter__(self) -> AsyncIterator[Event]:
         try:
             while self._open:
                 index, update = await self._queue.get()
-                if update.text or update.logprobs:
-                    yield TextDelta(index, update.text, update.logprobs)
+                parser = self._parsers[index] if self._parsers else None
+                if parser is None:
+                    if update.text or update.logprobs:
+                        yield TextDelta(index, update.text, update.logprobs)
+                else:
+                    pieces = parser.feed(update.text) if update.text else []
+                    if update.result is not None:
+                        pieces += parser.finish()
+                    for event in _tool_events(index, pieces, update.logprobs):
+                        yield event
                 if update.result is not None:
                     self._open -= 1
                     result = update.result
+                    calls: tuple[ToolCall, ...] = ()
+                    text, reason = result.text, result.finish_reason
+                    if parser is not None:
+                        text, calls = parser.final_content(), tuple(parser.tool_calls)
+                        if calls and reason == "stop":
+                            reason = "tool_calls"
                     finished = Finished(
                         index=index,
-                        finish_reason=result.finish_reason,
-                        text=result.text,
+                        finish_reason=reason,
+                        text=text,
                         usage=Usage(result.prompt_tokens, result.completion_tokens, result.cached_tokens),
                         time_to_first_token_s=result.time_to_first_token_s,
                         generation_s=result.generation_s,
                         total_s=result.total_s,
                         error=update.error,
+                        tool_calls=calls,
                     )
                     self._pool.finished(self.request, self.model.name, finished)
                     yield finished
@@ -163,6 +201,22 @@ class Stream:
             for ticket in self._tickets:
                 ticket.cancel()
         self._pool.release(self.model, self.request.keep_alive_s, weight=self.request.n)
+
+
+def _tool_events(index: int, pieces: list[Any], logprobs: list[TokenLogprob]) -> list[Event]:
+    """A tool parser's pieces as stream events (token log-probabilities ride on the first text)."""
+    events: list[Event] = []
+    for piece in pieces:
+        if isinstance(piece, ContentPiece):
+            events.append(TextDelta(index, piece.text, logprobs))
+            logprobs = []
+        elif isinstance(piece, CallStart):
+            events.append(ToolCallDelta(index, piece.index, piece.id, piece.name, ""))
+        elif isinstance(piece, ArgumentsPiece):
+            events.append(ToolCallDelta(index, piece.index, None, None, piece.text))
+    if logprobs:
+        events.append(TextDelta(index, "", logprobs))
+    return events
 
 
 class _Mailbox:
@@ -216,9 +270,22 @@ def _default_sampling() -> SamplingParams:
 def prepare(engine: Engine, request: InferenceRequest) -> Prepared:
     """Render and tokenize the prompt, build the grammar, check the context (on a thread, not the event loop)."""
     from llmrun.engine.sampling import check_grammar, json_schema_grammar
+    from llmrun.engine.template import template_supports_tools
+    from llmrun.tools import plan, prompt_messages
 
+    tool_plan = None
     if request.messages is not None:
-        tokens = engine.chat_prompt(request.messages)
+        template = engine.model.chat_template
+        if request.tools:
+            supports = bool(template) and template_supports_tools(template or "")
+            tool_plan = plan(list(request.tools), request.tool_choice, request.parallel_tool_calls, template, supports)
+            if tool_plan.constrained and (request.json_schema is not None or request.json_any):
+                raise UsageError("tools and a JSON response format cannot be combined", "send one of them")
+        messages = prompt_messages(request.messages, tool_plan, request.tool_choice)
+        template_tools = None
+        if tool_plan is not None and tool_plan.template_tools and tool_plan.constrained:
+            template_tools = [tool.as_template_tool() for tool in tool_plan.tools]
+        tokens = engine.chat_prompt(messages, tools=template_tools)
     elif request.prompt is not None:
         tokens = engine.raw_prompt(request.prompt)
     else:
@@ -226,6 +293,9 @@ def prepare(engine: Engine, request: InferenceRequest) -> Prepared:
     engine.check_fits(tokens)
     if request.max_tokens is not None and request.max_tokens < 1:
         raise UsageError(f"max tokens must be at least 1, not {request.max_tokens}", "leave it out for no limit")
+    if tool_plan is not None and tool_plan.grammar is not None:
+        check_grammar(engine.model.vocab, tool_plan.grammar, tool_plan.triggers)
+        return Prepared(tuple(tokens), tool_plan.grammar, tool_plan.triggers, tool_plan)
     grammar = None
     if request.json_schema is not None or request.json_any:
         grammar = json_schema_grammar(request.json_schema)

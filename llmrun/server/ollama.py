@@ -183,7 +183,7 @@ async def _respond(
         async for event in stream:
             if isinstance(event, TextDelta):
                 yield {"model": model_name, "created_at": _now(), **piece(event.text), "done": False}
-            else:
+            elif isinstance(event, Finished):
                 if event.error is not None:
                     raise event.error
                 yield {"model": model_name, "created_at": _now(), **final(""), "done": True,

@@ -19,24 +19,55 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from llmrun.errors import UsageError
-from llmrun.server.inference import Finished, InferenceRequest, Stream, TextDelta, embed, start
+from llmrun.server.inference import Finished, InferenceRequest, Stream, TextDelta, ToolCallDelta, embed, start
 from llmrun.server.sampling import sampling_from
 from llmrun.server.transport import EventStream, unless_disconnected
+from llmrun.tools import Tool, ToolCall, ToolChoice
 
 router = APIRouter(prefix="/v1")
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "stop", "error": "stop"}
+FINISH_REASONS = {"stop": "stop", "length": "length", "tool_calls": "tool_calls", "cancelled": "stop", "error": "stop"}
 
 
 class _Lenient(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+class FunctionCall(_Lenient):
+    name: str
+    arguments: str | dict[str, Any] = "{}"
+
+
+class MessageToolCall(_Lenient):
+    id: str = ""
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Lenient):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: str | None = None
+
+
+class FunctionDefinition(_Lenient):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDefinition(_Lenient):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedToolChoice(_Lenient):
+    type: Literal["function"]
+    function: dict[str, Any]
 
 
 class JsonSchemaFormat(_Lenient):
@@ -81,6 +112,9 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: ResponseFormat | None = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
 
 class CompletionRequest(_Sampling):
@@ -135,8 +169,39 @@ def _messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     rendered = []
     for message in messages:
         role = "system" if message.role == "developer" else message.role
-        rendered.append({"role": role, "content": _message_text(message)})
+        entry: dict[str, Any] = {"role": role, "content": _message_text(message)}
+        if message.tool_calls:
+            entry["tool_calls"] = [call.model_dump() for call in message.tool_calls]
+        if message.tool_call_id is not None:
+            entry["tool_call_id"] = message.tool_call_id
+        if message.name is not None and role in ("tool", "function"):
+            entry["name"] = message.name
+        rendered.append(entry)
     return rendered
+
+
+def _tools(body: ChatCompletionRequest) -> tuple[tuple[Tool, ...], ToolChoice]:
+    tools = tuple(
+        Tool(tool.function.name, tool.function.description or "", tool.function.parameters or _NO_PARAMETERS)
+        for tool in body.tools or []
+    )
+    choice = body.tool_choice
+    if choice is None:
+        return tools, ToolChoice("auto")
+    if isinstance(choice, str):
+        return tools, ToolChoice(choice)
+    name = choice.function.get("name")
+    if not isinstance(name, str):
+        raise UsageError("tool_choice.function.name is missing", "name the function to call")
+    return tools, ToolChoice("function", name)
+
+
+_NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
+
+
+def _tool_calls(calls: tuple[ToolCall, ...]) -> list[dict[str, Any]]:
+    return [{"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+            for call in calls]  # fmt: skip
 
 
 def _sampling(body: _Sampling) -> Any:
@@ -175,6 +240,12 @@ def _chat_logprobs(entries: list[Any]) -> dict[str, Any]:
     }
 
 
+def _assistant_message(event: Finished) -> dict[str, Any]:
+    if not event.tool_calls:
+        return {"role": "assistant", "content": event.text}
+    return {"role": "assistant", "content": event.text or None, "tool_calls": _tool_calls(event.tool_calls)}
+
+
 async def _gather(stream: Stream) -> tuple[list[Finished], dict[int, list[Any]]]:
     """A whole non-streamed answer: the Finished events by index, and each answer's token log-probabilities."""
     gathered: dict[int, list[Any]] = {}
@@ -184,7 +255,7 @@ async def _gather(stream: Stream) -> tuple[list[Finished], dict[int, list[Any]]]
             if isinstance(event, TextDelta):
                 if event.logprobs:
                     gathered.setdefault(event.index, []).extend(event.logprobs)
-            else:
+            elif isinstance(event, Finished):
                 if event.error is not None:
                     raise event.error
                 finished.append(event)
@@ -224,10 +295,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
                 raise UsageError("response_format json_schema needs json_schema.schema", "give the JSON schema")
             schema = format_schema.schema_
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    tools, tool_choice = _tools(body)
     inference = InferenceRequest(
         model=body.model, messages=_messages(body.messages), sampling=_sampling(body),
         max_tokens=body.max_completion_tokens or body.max_tokens, stop=_stops(body.stop), n=body.n,
         logprobs=logprobs, ignore_eos=body.ignore_eos, json_schema=schema, json_any=json_any,
+        tools=tools, tool_choice=tool_choice, parallel_tool_calls=body.parallel_tool_calls,
         route="/v1/chat/completions",
     )  # fmt: skip
     stream = await start(pool, inference)
@@ -239,7 +312,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         choices = [
             {
                 "index": event.index,
-                "message": {"role": "assistant", "content": event.text},
+                "message": _assistant_message(event),
                 "logprobs": _chat_logprobs(gathered.get(event.index, [])) if logprobs is not None else None,
                 "finish_reason": FINISH_REASONS.get(event.finish_reason, "stop"),
             }
@@ -264,6 +337,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
                 choice: dict[str, Any] = {"index": event.index, "delta": {"content": event.text}, "finish_reason": None}
                 choice["logprobs"] = _chat_logprobs(event.logprobs) if logprobs is not None else None
                 yield _sse({**base, "choices": [choice]})
+            elif isinstance(event, ToolCallDelta):
+                call: dict[str, Any] = {"index": event.call_index, "function": {"arguments": event.arguments}}
+                if event.id is not None:
+                    call.update(id=event.id, type="function")
+                    call["function"]["name"] = event.name
+                yield _sse({**base, "choices": [{"index": event.index, "delta": {"tool_calls": [call]},
+                                                 "logprobs": None, "finish_reason": None}]})  # fmt: skip
             elif isinstance(event, Finished):
                 if event.error is not None:
                     raise event.error
@@ -346,7 +426,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
                 lp = _completion_logprobs(event.logprobs) if body.logprobs is not None else None
                 yield _sse({**base, "choices": [{"index": event.index, "text": event.text, "logprobs": lp,
                                                  "finish_reason": None}]})  # fmt: skip
-            else:
+            elif isinstance(event, Finished):
                 if event.error is not None:
                     raise event.error
                 finished.append(event)
