@@ -115,7 +115,7 @@ class LogStore:
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        connection = sqlite3.connect(self.path, timeout=10)
+        connection = sqlite3.connect(self.path, timeout=10, isolation_level="IMMEDIATE")  # writers queue
         try:
             connection.executescript(SCHEMA)
             with suppress(sqlite3.OperationalError):  # an SQLite without FTS5: search falls back to LIKE

@@ -254,8 +254,15 @@ def test_a_prefix_shared_by_requests_arriving_together_is_evaluated_once(store_c
                     if line.startswith("llmrun_prefix_cache_hit_tokens"))  # fmt: skip
         shared = min(prompt_tokens.values()) - 20  # the system prompt, less the question and the template around it
         assert shared > 300 and hits >= 3 * shared, (hits, prompt_tokens)
-        logged = store_cli("logs", "--json", "-n", "0").json()
-        assert sum(entry["model"] == "smollm2" and entry["prompt"] in questions for entry in logged) == 4
+
+        def logged() -> int:
+            entries = store_cli("logs", "--json", "-n", "0").json()
+            return sum(entry["model"] == "smollm2" and entry["prompt"] in questions for entry in entries)
+
+        deadline = time.monotonic() + 20  # the log is written off the event loop, just after each answer
+        while (count := logged()) < 4 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert count == 4
     finally:
         sharing.stop()
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,7 +20,7 @@ from llmrun.errors import LlmrunError, ModelNotFound, UsageError
 if TYPE_CHECKING:
     from llmrun.engine import Engine
     from llmrun.engine.worker import EngineWorker
-    from llmrun.logs import LogStore
+    from llmrun.logs import Exchange, LogStore
     from llmrun.server.inference import Finished, InferenceRequest
     from llmrun.server.metrics import Metrics
     from llmrun.store.store import ModelEntry, Store
@@ -121,6 +123,8 @@ class ModelPool:
         self.store = store
         self.metrics = metrics
         self.log_store = log_store
+        # One writer, so exchanges reach the log in the order they finished and never contend with each other.
+        self._log_writer = ThreadPoolExecutor(1, thread_name_prefix="llmrun-log") if log_store is not None else None
         self.models: dict[str, LoadedModel] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self.prefix_hit_tokens_unloaded = 0
@@ -230,8 +234,8 @@ class ModelPool:
                 model_name, event.usage.prompt_tokens, event.usage.completion_tokens,
                 event.time_to_first_token_s, event.generation_s,
             )  # fmt: skip
-        if self.log_store is not None and event.error is None:
-            asyncio.get_running_loop().run_in_executor(None, _log_exchange, self.log_store, request, model_name, event)
+        if self.log_store is not None and self._log_writer is not None and event.error is None:
+            self._log_writer.submit(_log_exchange, self.log_store, request, model_name, event)
 
     def find_loaded(self, name: str) -> LoadedModel | None:
         text = name.strip()
@@ -241,9 +245,18 @@ class ModelPool:
     async def close(self) -> None:
         for name in list(self.models):
             await self.unload(name)
+        if self._log_writer is not None:
+            await asyncio.to_thread(self._log_writer.shutdown, wait=True)  # every finished exchange is in the log
 
 
 def _log_exchange(log_store: LogStore, request: InferenceRequest, model_name: str, event: Finished) -> None:
+    try:
+        log_store.log(log_store.new_conversation(model_name), _exchange(request, model_name, event))
+    except Exception as error:  # noqa: BLE001 - a log that cannot be written must not fail the answer, nor go unnoticed
+        sys.stderr.write(f"warning: exchange not logged: {error}\n")
+
+
+def _exchange(request: InferenceRequest, model_name: str, event: Finished) -> Exchange:
     from llmrun.logs import Exchange
 
     system = None
@@ -264,8 +277,7 @@ def _log_exchange(log_store: LogStore, request: InferenceRequest, model_name: st
         completion_tokens=event.usage.completion_tokens, time_to_first_token_s=event.time_to_first_token_s,
         generation_tokens_per_s=decodes / event.generation_s if decodes > 0 and event.generation_s > 0 else 0.0,
     )  # fmt: skip
-    with contextlib.suppress(LlmrunError):  # a log that cannot be written must not fail the answer
-        log_store.log(log_store.new_conversation(model_name), exchange)
+    return exchange
 
 
 def _text(content: Any) -> str:
