@@ -4,6 +4,8 @@ A conversation is a row in ``conversations``; each prompt and answer is a row in
 (with the model, system prompt, options, token counts and timings); ``responses_fts`` indexes
 prompts and answers for ``llmrun logs -q``. ``/undo`` and ``/regen`` mark a response undone
 rather than deleting it: the log stays a record, a continued conversation leaves it out.
+``api_responses`` keeps the OpenAI Responses API's stored responses (the response object and
+the conversation up to it), so ``previous_response_id`` works across server restarts.
 """
 
 from __future__ import annotations
@@ -44,6 +46,13 @@ CREATE TABLE IF NOT EXISTS responses (
     created_at TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS responses_conversation ON responses(conversation_id, id);
+CREATE TABLE IF NOT EXISTS api_responses (
+    id TEXT PRIMARY KEY,
+    model TEXT NOT NULL,
+    response TEXT NOT NULL,
+    conversation TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
 """
 FTS_SCHEMA = """
 CREATE VIRTUAL TABLE IF NOT EXISTS responses_fts USING fts5(prompt, response, content='responses', content_rowid='id');
@@ -148,6 +157,26 @@ class LogStore:
                  exchange.time_to_first_token_s, exchange.generation_tokens_per_s, _now()),
             )  # fmt: skip
             return int(cursor.lastrowid or 0)
+
+    def save_api_response(self, response: dict[str, Any], conversation: list[dict[str, Any]]) -> None:
+        """Keep a Responses API response, and the conversation up to and including it."""
+        with self._connect() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO api_responses (id, model, response, conversation, created_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (response["id"], response.get("model", ""), json.dumps(response, ensure_ascii=False),
+                 json.dumps(conversation, ensure_ascii=False), _now()),
+            )  # fmt: skip
+
+    def api_response(self, response_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
+        """A stored Responses API response and its conversation, or None."""
+        with self._connect() as db:
+            row = db.execute("SELECT response, conversation FROM api_responses WHERE id = ?", (response_id,)).fetchone()
+        return (json.loads(row[0]), json.loads(row[1])) if row else None
+
+    def delete_api_response(self, response_id: str) -> bool:
+        with self._connect() as db:
+            return db.execute("DELETE FROM api_responses WHERE id = ?", (response_id,)).rowcount > 0
 
     def undo_last(self, conversation_id: str) -> None:
         with self._connect() as db:

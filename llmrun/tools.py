@@ -33,6 +33,8 @@ from typing import Any
 from llmrun.errors import UsageError
 from llmrun.jsonscan import JsonScanner, Path
 
+NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}  # a function without arguments
+
 
 @dataclass(frozen=True)
 class Tool:
@@ -40,7 +42,7 @@ class Tool:
 
     name: str
     description: str = ""
-    parameters: dict[str, Any] = field(default_factory=lambda: {"type": "object", "properties": {}})
+    parameters: dict[str, Any] = field(default_factory=lambda: dict(NO_PARAMETERS))
 
     def as_template_tool(self) -> dict[str, Any]:
         """The shape chat templates are written for (OpenAI's)."""

@@ -59,6 +59,7 @@ class GenerationResult:
     time_to_first_token_s: float
     generation_s: float
     total_s: float
+    stop_sequence: str | None = None  # the stop string that ended it, if one did
 
     @property
     def evaluated_prompt_tokens(self) -> int:
@@ -113,6 +114,7 @@ class Generation:
             time_to_first_token_s=first - timings.created,
             generation_s=(timings.last_token or first) - first,
             total_s=end - timings.created,
+            stop_sequence=sequence.stop_matcher.matched,
         )
 
 

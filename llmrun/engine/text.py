@@ -29,14 +29,16 @@ class StopMatcher:
         self.stops = tuple(stop for stop in stops if stop)
         self._held = ""
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the text
 
     def feed(self, text: str) -> str:
         """Returns the text that is safe to emit; sets ``stopped`` when a stop string appears."""
         if not self.stops:
             return text
         buffer = self._held + text
-        first_stop = min((index for stop in self.stops if (index := buffer.find(stop)) >= 0), default=-1)
-        if first_stop >= 0:
+        found = [(index, stop) for stop in self.stops if (index := buffer.find(stop)) >= 0]
+        if found:
+            first_stop, self.matched = min(found)
             self._held = ""
             self.stopped = True
             return buffer[:first_stop]

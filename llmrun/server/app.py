@@ -71,8 +71,10 @@ def create_app(options: ServeOptions, on_ready: Callable[[], None] | None = None
     app.state.ready = False
     errors.install(app)
 
-    from llmrun.server import ollama, openai
+    from llmrun.server import anthropic, ollama, openai, responses
 
+    app.include_router(anthropic.router)
+    app.include_router(responses.router)
     app.include_router(openai.router)
     app.include_router(ollama.router)
 

@@ -1,4 +1,5 @@
-"""The one place a server error becomes a response: OpenAI's error shape under /v1, Ollama's under /api."""
+"""The one place a server error becomes a response: Anthropic's shape under /v1/messages, OpenAI's under the rest
+of /v1, Ollama's under /api."""
 
 from __future__ import annotations
 
@@ -66,6 +67,18 @@ def openai_error_body(error: BaseException) -> dict[str, Any]:
     return {"error": {"message": _message(error), "type": kind, "param": _param(error), "code": code}}
 
 
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+    413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error",
+}  # fmt: skip
+
+
+def anthropic_error_body(error: BaseException) -> dict[str, Any]:
+    status = _status(error)
+    kind = _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": kind, "message": _message(error)}}
+
+
 def error_response(request: Request, error: BaseException) -> JSONResponse:
     status = _status(error)
     headers = {}
@@ -74,6 +87,8 @@ def error_response(request: Request, error: BaseException) -> JSONResponse:
         headers["Retry-After"] = str(retry_after)
     if status == 401:
         headers["WWW-Authenticate"] = "Bearer"
+    if request.url.path.startswith("/v1/messages"):
+        return JSONResponse(anthropic_error_body(error), status_code=status, headers=headers)
     if request.url.path.startswith("/v1"):
         return JSONResponse(openai_error_body(error), status_code=status, headers=headers)
     return JSONResponse({"error": _message(error)}, status_code=status, headers=headers)

@@ -33,6 +33,7 @@ class InferenceRequest:
 
     model: str
     messages: list[dict[str, Any]] | None = None  # a chat, rendered by the model's template
+    prefill: str = ""  # the start of the assistant's answer, which the model continues (Anthropic's prefill)
     prompt: str | None = None  # plain completion text (no template)
     sampling: SamplingParams | None = None  # None: llmrun's defaults
     max_tokens: int | None = None
@@ -93,6 +94,7 @@ class Finished:
     total_s: float
     error: LlmrunError | None = None
     tool_calls: tuple[ToolCall, ...] = ()
+    stop_sequence: str | None = None  # the stop string that ended the answer, if one did
 
 
 Event = TextDelta | ToolCallDelta | Finished
@@ -122,10 +124,12 @@ class Stream:
         self._open = request.n
         self._released = False
         self._parsers: list[ToolCallParser] = []
+        self.prompt_tokens = 0  # known once the prompt is prepared, before any output
 
     def _start(self, prepared: Prepared) -> None:
         from llmrun.engine import GenerationRequest
 
+        self.prompt_tokens = len(prepared.prompt_tokens)
         mailbox = _mailbox(asyncio.get_running_loop())
         request = self.request
         sampling = self.request.sampling or _default_sampling()
@@ -186,6 +190,7 @@ class Stream:
                         total_s=result.total_s,
                         error=update.error,
                         tool_calls=calls,
+                        stop_sequence=result.stop_sequence,
                     )
                     self._pool.finished(self.request, self.model.name, finished)
                     yield finished
@@ -286,6 +291,8 @@ def prepare(engine: Engine, request: InferenceRequest) -> Prepared:
         if tool_plan is not None and tool_plan.template_tools and tool_plan.constrained:
             template_tools = [tool.as_template_tool() for tool in tool_plan.tools]
         tokens = engine.chat_prompt(messages, tools=template_tools)
+        if request.prefill:
+            tokens += engine.model.tokenize(request.prefill, add_special=False, parse_special=False)
     elif request.prompt is not None:
         tokens = engine.raw_prompt(request.prompt)
     else:
@@ -318,6 +325,29 @@ async def start(pool: ModelPool, request: InferenceRequest) -> Stream:
     stream = Stream(request, pool, model, load_s)
     stream._start(prepared)
     return stream
+
+
+async def final_answer(stream: Stream) -> Finished:
+    """A one-answer stream's answer when it is complete (its error raised); the stream is closed."""
+    try:
+        async for event in stream:
+            if isinstance(event, Finished):
+                if event.error is not None:
+                    raise event.error
+                return event
+    finally:
+        stream.close()
+    raise LlmrunError("the answer ended without finishing", "try again")
+
+
+async def count_tokens(pool: ModelPool, request: InferenceRequest) -> int:
+    """The prompt tokens ``request`` would take (its template, tools and all), without generating."""
+    model = await pool.acquire(request.model)
+    try:
+        prepared = await asyncio.to_thread(prepare, model.engine, request)
+    finally:
+        pool.release(model, request.keep_alive_s)
+    return len(prepared.prompt_tokens)
 
 
 async def embed(pool: ModelPool, model_name: str, inputs: list[str] | list[list[int]]) -> tuple[list[list[float]], int]:

@@ -22,6 +22,7 @@ from llmrun.server.inference import Finished, InferenceRequest, Stream, TextDelt
 from llmrun.server.pool import LoadedModel, parse_keep_alive
 from llmrun.server.sampling import sampling_from
 from llmrun.server.transport import EventStream, unless_disconnected
+from llmrun.tools import NO_PARAMETERS, Tool, ToolCall
 
 router = APIRouter(prefix="/api")
 NDJSON = "application/x-ndjson"
@@ -47,10 +48,33 @@ class Options(_Lenient):
     ignore_eos: bool = False  # llmrun's (and llama-server's): generate num_predict tokens, for load tests
 
 
+class FunctionDefinition(_Lenient):
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class ToolDefinition(_Lenient):
+    type: str = "function"
+    function: FunctionDefinition
+
+
+class ToolCallFunction(_Lenient):
+    name: str
+    arguments: dict[str, Any] | str = Field(default_factory=dict)
+
+
+class MessageToolCall(_Lenient):
+    id: str | None = None
+    function: ToolCallFunction
+
+
 class ChatMessage(_Lenient):
     role: str
-    content: str = ""
+    content: str | None = ""
     images: list[str] | None = None
+    tool_calls: list[MessageToolCall] | None = None
+    tool_name: str | None = None  # a tool result's tool
 
 
 class _Generation(_Lenient):
@@ -63,6 +87,7 @@ class _Generation(_Lenient):
 
 class ChatRequest(_Generation):
     messages: list[ChatMessage] = Field(default_factory=list)
+    tools: list[ToolDefinition] | None = None
 
 
 class GenerateRequest(_Generation):
@@ -186,6 +211,9 @@ async def _respond(
             elif isinstance(event, Finished):
                 if event.error is not None:
                     raise event.error
+                if event.tool_calls:  # whole calls, as Ollama sends them, just before the last line
+                    message = {"role": "assistant", "content": "", "tool_calls": _tool_calls(event.tool_calls)}
+                    yield {"model": model_name, "created_at": _now(), "message": message, "done": False}
                 yield {"model": model_name, "created_at": _now(), **final(""), "done": True,
                        "done_reason": _done_reason(event), **_durations(stream, event)}  # fmt: skip
 
@@ -194,16 +222,22 @@ async def _respond(
 
     async def gather() -> dict[str, Any]:
         text: list[str] = []
+        calls: list[dict[str, Any]] = []
         last: dict[str, Any] = {}
         try:
             async for record in records():
                 if record["done"]:
                     last = record
+                elif "tool_calls" in record.get("message", {}):
+                    calls += record["message"]["tool_calls"]
                 else:
                     text.append(next(iter(piece_text(record))))
         finally:
             stream.close()
-        return {**last, **final("".join(text))}
+        whole = {**last, **final("".join(text))}
+        if calls:
+            whole["message"] = {**whole["message"], "tool_calls": calls}
+        return whole
 
     return await unless_disconnected(request, gather())
 
@@ -229,14 +263,41 @@ async def _load_or_unload(request: Request, body: _Generation, shape: dict[str, 
     return {"model": name, "created_at": _now(), **shape, "done": True, "done_reason": reason}
 
 
+def _messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Ollama's messages in the internal (OpenAI-like) shape; calls get ids so results can name them."""
+    converted = []
+    for number, message in enumerate(messages):
+        entry: dict[str, Any] = {"role": message.role, "content": message.content or ""}
+        if message.tool_calls:
+            entry["tool_calls"] = [
+                {"id": call.id or f"call_{number}_{index}", "type": "function",
+                 "function": {"name": call.function.name, "arguments": call.function.arguments}}
+                for index, call in enumerate(message.tool_calls)
+            ]  # fmt: skip
+        if message.role == "tool" and message.tool_name:
+            entry["name"] = message.tool_name
+        converted.append(entry)
+    return converted
+
+
+def _tool_calls(calls: tuple[ToolCall, ...]) -> list[dict[str, Any]]:
+    """Calls in Ollama's shape: arguments as an object."""
+    return [{"id": call.id, "function": {"index": index, "name": call.name, "arguments": json.loads(call.arguments)}}
+            for index, call in enumerate(calls)]  # fmt: skip
+
+
 @router.post("/chat", response_model=None)
 async def chat(body: ChatRequest, request: Request) -> Any:
     if not body.messages:
         return await _load_or_unload(request, body, {"message": {"role": "assistant", "content": ""}})
     if any(message.images for message in body.messages):
         raise UsageError("images are not supported: llmrun serves text-only models", "send text messages only")
-    messages = [{"role": message.role, "content": message.content} for message in body.messages]
-    stream = await start(request.app.state.pool, _request(body, "/api/chat", messages=messages))
+    tools = tuple(
+        Tool(tool.function.name, tool.function.description or "", tool.function.parameters or dict(NO_PARAMETERS))
+        for tool in body.tools or []
+    )
+    fields = {"messages": _messages(body.messages), "tools": tools}
+    stream = await start(request.app.state.pool, _request(body, "/api/chat", **fields))
     return await _respond(
         request,
         stream,

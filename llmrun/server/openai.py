@@ -22,7 +22,7 @@ from llmrun.errors import UsageError
 from llmrun.server.inference import Finished, InferenceRequest, Stream, TextDelta, ToolCallDelta, embed, start
 from llmrun.server.sampling import sampling_from
 from llmrun.server.transport import EventStream, unless_disconnected
-from llmrun.tools import Tool, ToolCall, ToolChoice
+from llmrun.tools import NO_PARAMETERS, Tool, ToolCall, ToolChoice
 
 router = APIRouter(prefix="/v1")
 
@@ -182,7 +182,7 @@ def _messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
 
 def _tools(body: ChatCompletionRequest) -> tuple[tuple[Tool, ...], ToolChoice]:
     tools = tuple(
-        Tool(tool.function.name, tool.function.description or "", tool.function.parameters or _NO_PARAMETERS)
+        Tool(tool.function.name, tool.function.description or "", tool.function.parameters or dict(NO_PARAMETERS))
         for tool in body.tools or []
     )
     choice = body.tool_choice
@@ -194,9 +194,6 @@ def _tools(body: ChatCompletionRequest) -> tuple[tuple[Tool, ...], ToolChoice]:
     if not isinstance(name, str):
         raise UsageError("tool_choice.function.name is missing", "name the function to call")
     return tools, ToolChoice("function", name)
-
-
-_NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
 
 
 def _tool_calls(calls: tuple[ToolCall, ...]) -> list[dict[str, Any]]:
