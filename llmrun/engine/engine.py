@@ -118,6 +118,14 @@ class Generation:
         )
 
 
+@dataclass(frozen=True)
+class ChatText:
+    """A conversation as prompt text: rendered by the model's template (special tokens parsed), or plain."""
+
+    text: str
+    templated: bool
+
+
 class Engine:
     """One model loaded with one context of ``n_slots`` sequences."""
 
@@ -187,23 +195,38 @@ class Engine:
         """Tokens one sequence may hold: prompt plus generated text."""
         return self.scheduler.seq_capacity
 
-    def chat_prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+    def chat_prompt(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, **extra: Any
+    ) -> list[int]:
         """Tokens for a conversation in the model's own chat template (plain text when it has none)."""
+        return self.chat_tokens(self.chat_text(messages, tools, **extra))
+
+    def chat_text(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, **extra: Any
+    ) -> ChatText:
+        """A conversation rendered by the model's chat template; ``extra`` keywords become template
+        variables (``enable_thinking``...). Without a template, the messages' text one after another."""
         model = self.model
         if not model.chat_template:
-            text = "\n\n".join(str(message.get("content") or "") for message in messages)
-            return model.tokenize(text, add_special=True, parse_special=False)
-        bos_text = model.token_text(model.bos_token)
-        text = render_chat(
+            return ChatText("\n\n".join(str(message.get("content") or "") for message in messages), templated=False)
+        rendered = render_chat(
             model.chat_template,
             messages,
-            bos_token=bos_text,
+            bos_token=model.token_text(model.bos_token),
             eos_token=model.token_text(model.eos_token),
             tools=tools,
+            **extra,
         )
+        return ChatText(rendered, templated=True)
+
+    def chat_tokens(self, chat: ChatText) -> list[int]:
+        model = self.model
+        if not chat.templated:
+            return model.tokenize(chat.text, add_special=True, parse_special=False)
+        bos_text = model.token_text(model.bos_token)
         # A template that writes BOS itself must not get a second one from the tokenizer.
-        add_special = not (bos_text and text.startswith(bos_text))
-        return model.tokenize(text, add_special=add_special, parse_special=True)
+        add_special = not (bos_text and chat.text.startswith(bos_text))
+        return model.tokenize(chat.text, add_special=add_special, parse_special=True)
 
     def raw_prompt(self, text: str) -> list[int]:
         """Tokens for plain-completion text."""

@@ -21,6 +21,7 @@ from llmrun.errors import UsageError
 from llmrun.server.inference import (
     Finished,
     InferenceRequest,
+    ReasoningDelta,
     Stream,
     TextDelta,
     ToolCallDelta,
@@ -87,6 +88,7 @@ class MessagesRequest(CountTokensRequest):
     stream: bool = False
     metadata: dict[str, Any] | None = None
     output_config: OutputConfig | None = None
+    thinking: dict[str, Any] | None = None  # {"type": "enabled" | "adaptive" | "disabled", ...}
     keep_alive: str | float | int | None = None  # llmrun's (as Ollama's): how long the model stays loaded
 
 
@@ -180,8 +182,14 @@ def _request(body: MessagesRequest) -> InferenceRequest:
     return InferenceRequest(
         model=body.model, messages=messages, prefill=prefill, sampling=sampling, max_tokens=body.max_tokens,
         stop=stops, json_schema=schema, tools=tools, tool_choice=choice, parallel_tool_calls=parallel,
-        keep_alive_s=parse_keep_alive(body.keep_alive), route="/v1/messages",
+        think=_think(body.thinking), keep_alive_s=parse_keep_alive(body.keep_alive), route="/v1/messages",
     )  # fmt: skip
+
+
+def _think(thinking: dict[str, Any] | None) -> bool | None:
+    if not thinking or "type" not in thinking:
+        return None
+    return bool(thinking["type"] != "disabled")
 
 
 def _tool_id(call_id: str) -> str:
@@ -207,7 +215,11 @@ def _usage(event: Finished) -> dict[str, Any]:
 
 
 def _content(event: Finished) -> list[dict[str, Any]]:
-    blocks: list[dict[str, Any]] = [{"type": "text", "text": event.text}] if event.text else []
+    blocks: list[dict[str, Any]] = []
+    if event.reasoning:  # unsigned: a local model's thinking needs no proof
+        blocks.append({"type": "thinking", "thinking": event.reasoning, "signature": ""})
+    if event.text:
+        blocks.append({"type": "text", "text": event.text})
     for call in event.tool_calls:
         blocks.append({"type": "tool_use", "id": _tool_id(call.id), "name": call.name,
                        "input": json.loads(call.arguments)})  # fmt: skip
@@ -245,7 +257,16 @@ async def _events(stream: Stream, message_id: str) -> AsyncIterator[str]:
     index, open_kind = -1, None
     try:
         async for event in stream:
-            if isinstance(event, TextDelta) and event.text:
+            if isinstance(event, ReasoningDelta):
+                if open_kind != "thinking":
+                    if open_kind is not None:
+                        yield _sse("content_block_stop", {"index": index})
+                    index, open_kind = index + 1, "thinking"
+                    opened = {"type": "thinking", "thinking": "", "signature": ""}
+                    yield _sse("content_block_start", {"index": index, "content_block": opened})
+                piece = {"type": "thinking_delta", "thinking": event.text}
+                yield _sse("content_block_delta", {"index": index, "delta": piece})
+            elif isinstance(event, TextDelta) and event.text:
                 if open_kind != "text":
                     if open_kind is not None:
                         yield _sse("content_block_stop", {"index": index})

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from llmrun.errors import LlmrunError, UsageError
+from llmrun.reasoning import CONTENT, REASONING, ReasoningSplitter, opened_in_prompt, thinks
 from llmrun.tools import ArgumentsPiece, CallStart, ContentPiece, Tool, ToolCall, ToolCallParser, ToolChoice, ToolPlan
 
 if TYPE_CHECKING:
@@ -47,6 +48,7 @@ class InferenceRequest:
     tools: tuple[Tool, ...] = ()  # functions the model may call (chat only)
     tool_choice: ToolChoice = ToolChoice()
     parallel_tool_calls: bool = True
+    think: bool | None = None  # a reasoning model thinks first (its template's enable_thinking); None: its default
     route: str = ""  # for metrics and the log
 
 
@@ -68,6 +70,14 @@ class TextDelta:
     index: int
     text: str
     logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ReasoningDelta:
+    """New thinking of answer ``index`` (a reasoning model's, before its answer)."""
+
+    index: int
+    text: str
 
 
 @dataclass(frozen=True)
@@ -95,9 +105,10 @@ class Finished:
     error: LlmrunError | None = None
     tool_calls: tuple[ToolCall, ...] = ()
     stop_sequence: str | None = None  # the stop string that ended the answer, if one did
+    reasoning: str = ""  # a reasoning model's thinking, apart from ``text``
 
 
-Event = TextDelta | ToolCallDelta | Finished
+Event = TextDelta | ReasoningDelta | ToolCallDelta | Finished
 
 
 @dataclass(frozen=True)
@@ -108,6 +119,7 @@ class Prepared:
     grammar: str | None
     grammar_triggers: tuple[str, ...] = ()
     tools: ToolPlan | None = None  # set when the output is parsed for tool calls
+    reasoning: bool | None = None  # a reasoning model's output: True when it starts inside the think block
 
 
 class Stream:
@@ -124,6 +136,9 @@ class Stream:
         self._open = request.n
         self._released = False
         self._parsers: list[ToolCallParser] = []
+        self._splitters: list[ReasoningSplitter] = []
+        self._content: list[list[str]] = [[] for _ in range(request.n)]
+        self._reasoning: list[list[str]] = [[] for _ in range(request.n)]
         self.prompt_tokens = 0  # known once the prompt is prepared, before any output
 
     def _start(self, prepared: Prepared) -> None:
@@ -156,17 +171,30 @@ class Stream:
             self._tickets.append(self.model.worker.submit(generation, deliver))
         if prepared.tools is not None:
             self._parsers = [ToolCallParser(prepared.tools) for _ in range(request.n)]
+        if prepared.reasoning is not None:
+            self._splitters = [ReasoningSplitter(prepared.reasoning) for _ in range(request.n)]
 
     async def __aiter__(self) -> AsyncIterator[Event]:
         try:
             while self._open:
                 index, update = await self._queue.get()
+                content = update.text
+                if self._splitters:
+                    split = self._splitters[index].feed(update.text) if update.text else []
+                    if update.result is not None:
+                        split += self._splitters[index].finish()
+                    thought = "".join(text for kind, text in split if kind == REASONING)
+                    content = "".join(text for kind, text in split if kind == CONTENT)
+                    self._content[index].append(content)
+                    if thought:
+                        self._reasoning[index].append(thought)
+                        yield ReasoningDelta(index, thought)
                 parser = self._parsers[index] if self._parsers else None
                 if parser is None:
-                    if update.text or update.logprobs:
-                        yield TextDelta(index, update.text, update.logprobs)
+                    if content or update.logprobs:
+                        yield TextDelta(index, content, update.logprobs)
                 else:
-                    pieces = parser.feed(update.text) if update.text else []
+                    pieces = parser.feed(content) if content else []
                     if update.result is not None:
                         pieces += parser.finish()
                     for event in _tool_events(index, pieces, update.logprobs):
@@ -176,6 +204,8 @@ class Stream:
                     result = update.result
                     calls: tuple[ToolCall, ...] = ()
                     text, reason = result.text, result.finish_reason
+                    if self._splitters:
+                        text = "".join(self._content[index])
                     if parser is not None:
                         text, calls = parser.final_content(), tuple(parser.tool_calls)
                         if calls and reason == "stop":
@@ -191,6 +221,7 @@ class Stream:
                         error=update.error,
                         tool_calls=calls,
                         stop_sequence=result.stop_sequence,
+                        reasoning="".join(self._reasoning[index]),
                     )
                     self._pool.finished(self.request, self.model.name, finished)
                     yield finished
@@ -279,6 +310,7 @@ def prepare(engine: Engine, request: InferenceRequest) -> Prepared:
     from llmrun.tools import plan, prompt_messages
 
     tool_plan = None
+    reasoning = None
     if request.messages is not None:
         template = engine.model.chat_template
         if request.tools:
@@ -290,9 +322,17 @@ def prepare(engine: Engine, request: InferenceRequest) -> Prepared:
         template_tools = None
         if tool_plan is not None and tool_plan.template_tools and tool_plan.constrained:
             template_tools = [tool.as_template_tool() for tool in tool_plan.tools]
-        tokens = engine.chat_prompt(messages, tools=template_tools)
+        # A grammar that holds from the first token (a forced call, a JSON answer) leaves no room to think.
+        forced = request.json_schema is not None or request.json_any
+        forced = forced or (tool_plan is not None and tool_plan.grammar is not None and not tool_plan.triggers)
+        think = False if forced and thinks(template) else request.think
+        extra = {"enable_thinking": think} if think is not None else {}
+        chat = engine.chat_text(messages, tools=template_tools, **extra)
+        tokens = engine.chat_tokens(chat)
         if request.prefill:
             tokens += engine.model.tokenize(request.prefill, add_special=False, parse_special=False)
+        if thinks(template) and not forced:
+            reasoning = opened_in_prompt(chat.text + request.prefill)
     elif request.prompt is not None:
         tokens = engine.raw_prompt(request.prompt)
     else:
@@ -302,12 +342,12 @@ def prepare(engine: Engine, request: InferenceRequest) -> Prepared:
         raise UsageError(f"max tokens must be at least 1, not {request.max_tokens}", "leave it out for no limit")
     if tool_plan is not None and tool_plan.grammar is not None:
         check_grammar(engine.model.vocab, tool_plan.grammar, tool_plan.triggers)
-        return Prepared(tuple(tokens), tool_plan.grammar, tool_plan.triggers, tool_plan)
+        return Prepared(tuple(tokens), tool_plan.grammar, tool_plan.triggers, tool_plan, reasoning)
     grammar = None
     if request.json_schema is not None or request.json_any:
         grammar = json_schema_grammar(request.json_schema)
         check_grammar(engine.model.vocab, grammar)
-    return Prepared(tuple(tokens), grammar)
+    return Prepared(tuple(tokens), grammar, reasoning=reasoning)
 
 
 async def start(pool: ModelPool, request: InferenceRequest) -> Stream:

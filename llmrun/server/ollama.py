@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from llmrun import __version__
 from llmrun.errors import LlmrunError, ModelNotFound, UsageError
-from llmrun.server.inference import Finished, InferenceRequest, Stream, TextDelta, embed, start
+from llmrun.server.inference import Finished, InferenceRequest, ReasoningDelta, Stream, TextDelta, embed, start
 from llmrun.server.pool import LoadedModel, parse_keep_alive
 from llmrun.server.sampling import sampling_from
 from llmrun.server.transport import EventStream, unless_disconnected
@@ -88,10 +88,12 @@ class _Generation(_Lenient):
 class ChatRequest(_Generation):
     messages: list[ChatMessage] = Field(default_factory=list)
     tools: list[ToolDefinition] | None = None
+    think: bool | str | None = None  # a reasoning model thinks first ("low"/"medium"/"high" count as true)
 
 
 class GenerateRequest(_Generation):
     prompt: str = ""
+    think: bool | str | None = None
     system: str | None = None
     raw: bool = False
     images: list[str] | None = None
@@ -143,6 +145,10 @@ def _format(value: str | dict[str, Any] | None) -> tuple[dict[str, Any] | None, 
     if isinstance(value, dict):
         return value, False
     raise UsageError(f"format {value!r} is not supported", 'give "json" or a JSON schema object')
+
+
+def _think(value: bool | str | None) -> bool | None:
+    return value if isinstance(value, bool) or value is None else value.lower() not in ("false", "none", "")
 
 
 def _request(body: _Generation, route: str, **fields: Any) -> InferenceRequest:
@@ -200,6 +206,7 @@ async def _respond(
     streaming: bool,
     piece: Callable[[str], dict[str, Any]],
     final: Callable[[str], dict[str, Any]],
+    thinking: Callable[[str], dict[str, Any]] | None = None,
 ) -> Any:
     """Ollama's two shapes of one answer: a line per piece and a last line with the counts, or one object."""
     model_name = stream.model.name
@@ -208,6 +215,8 @@ async def _respond(
         async for event in stream:
             if isinstance(event, TextDelta):
                 yield {"model": model_name, "created_at": _now(), **piece(event.text), "done": False}
+            elif isinstance(event, ReasoningDelta) and thinking is not None:
+                yield {"model": model_name, "created_at": _now(), **thinking(event.text), "done": False}
             elif isinstance(event, Finished):
                 if event.error is not None:
                     raise event.error
@@ -222,19 +231,28 @@ async def _respond(
 
     async def gather() -> dict[str, Any]:
         text: list[str] = []
+        thought: list[str] = []
         calls: list[dict[str, Any]] = []
         last: dict[str, Any] = {}
         try:
             async for record in records():
+                where = record.get("message", record)
                 if record["done"]:
                     last = record
-                elif "tool_calls" in record.get("message", {}):
-                    calls += record["message"]["tool_calls"]
+                elif "tool_calls" in where:
+                    calls += where["tool_calls"]
+                elif "thinking" in where:
+                    thought.append(where["thinking"])
                 else:
                     text.append(next(iter(piece_text(record))))
         finally:
             stream.close()
         whole = {**last, **final("".join(text))}
+        if thought:  # beside the answer: in the message (chat) or the record (generate)
+            if "message" in whole:
+                whole["message"] = {**whole["message"], "thinking": "".join(thought)}
+            else:
+                whole["thinking"] = "".join(thought)
         if calls:
             whole["message"] = {**whole["message"], "tool_calls": calls}
         return whole
@@ -296,7 +314,7 @@ async def chat(body: ChatRequest, request: Request) -> Any:
         Tool(tool.function.name, tool.function.description or "", tool.function.parameters or dict(NO_PARAMETERS))
         for tool in body.tools or []
     )
-    fields = {"messages": _messages(body.messages), "tools": tools}
+    fields = {"messages": _messages(body.messages), "tools": tools, "think": _think(body.think)}
     stream = await start(request.app.state.pool, _request(body, "/api/chat", **fields))
     return await _respond(
         request,
@@ -304,7 +322,9 @@ async def chat(body: ChatRequest, request: Request) -> Any:
         body.stream,
         lambda text: {"message": {"role": "assistant", "content": text}},
         lambda text: {"message": {"role": "assistant", "content": text}},
-    )
+        None if body.think is False else lambda text: {"message": {"role": "assistant", "content": "",
+                                                                     "thinking": text}},
+    )  # fmt: skip
 
 
 @router.post("/generate", response_model=None)
@@ -317,11 +337,12 @@ async def generate(body: GenerateRequest, request: Request) -> Any:
         fields: dict[str, Any] = {"prompt": body.prompt}
     else:
         messages = [{"role": "system", "content": body.system}] if body.system else []
-        fields = {"messages": [*messages, {"role": "user", "content": body.prompt}]}
+        fields = {"messages": [*messages, {"role": "user", "content": body.prompt}], "think": _think(body.think)}
     stream = await start(request.app.state.pool, _request(body, "/api/generate", **fields))
     return await _respond(
-        request, stream, body.stream, lambda text: {"response": text}, lambda text: {"response": text, "context": []}
-    )
+        request, stream, body.stream, lambda text: {"response": text}, lambda text: {"response": text, "context": []},
+        None if body.think is False else lambda text: {"response": "", "thinking": text},
+    )  # fmt: skip
 
 
 @router.post("/embed", response_model=None)

@@ -19,7 +19,16 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from llmrun.errors import UsageError
-from llmrun.server.inference import Finished, InferenceRequest, Stream, TextDelta, ToolCallDelta, embed, start
+from llmrun.server.inference import (
+    Finished,
+    InferenceRequest,
+    ReasoningDelta,
+    Stream,
+    TextDelta,
+    ToolCallDelta,
+    embed,
+    start,
+)
 from llmrun.server.sampling import sampling_from
 from llmrun.server.transport import EventStream, unless_disconnected
 from llmrun.tools import NO_PARAMETERS, Tool, ToolCall, ToolChoice
@@ -115,6 +124,17 @@ class ChatCompletionRequest(_Sampling):
     tools: list[ToolDefinition] | None = None
     tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
+    reasoning_effort: str | None = None  # "none" (or "minimal"): a reasoning model answers without thinking
+    chat_template_kwargs: dict[str, Any] | None = None  # llama-server's and vLLM's: enable_thinking, ...
+
+    @property
+    def think(self) -> bool | None:
+        kwargs = self.chat_template_kwargs or {}
+        if isinstance(kwargs.get("enable_thinking"), bool):
+            return bool(kwargs["enable_thinking"])
+        if self.reasoning_effort is not None:
+            return self.reasoning_effort not in ("none", "minimal")
+        return None
 
 
 class CompletionRequest(_Sampling):
@@ -238,9 +258,13 @@ def _chat_logprobs(entries: list[Any]) -> dict[str, Any]:
 
 
 def _assistant_message(event: Finished) -> dict[str, Any]:
-    if not event.tool_calls:
-        return {"role": "assistant", "content": event.text}
-    return {"role": "assistant", "content": event.text or None, "tool_calls": _tool_calls(event.tool_calls)}
+    message: dict[str, Any] = {"role": "assistant", "content": event.text}
+    if event.reasoning:
+        message["reasoning_content"] = event.reasoning  # as DeepSeek's API, llama-server and vLLM name it
+    if event.tool_calls:
+        message["content"] = event.text or None
+        message["tool_calls"] = _tool_calls(event.tool_calls)
+    return message
 
 
 async def _gather(stream: Stream) -> tuple[list[Finished], dict[int, list[Any]]]:
@@ -297,7 +321,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         model=body.model, messages=_messages(body.messages), sampling=_sampling(body),
         max_tokens=body.max_completion_tokens or body.max_tokens, stop=_stops(body.stop), n=body.n,
         logprobs=logprobs, ignore_eos=body.ignore_eos, json_schema=schema, json_any=json_any,
-        tools=tools, tool_choice=tool_choice, parallel_tool_calls=body.parallel_tool_calls,
+        tools=tools, tool_choice=tool_choice, parallel_tool_calls=body.parallel_tool_calls, think=body.think,
         route="/v1/chat/completions",
     )  # fmt: skip
     stream = await start(pool, inference)
@@ -334,6 +358,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
                 choice: dict[str, Any] = {"index": event.index, "delta": {"content": event.text}, "finish_reason": None}
                 choice["logprobs"] = _chat_logprobs(event.logprobs) if logprobs is not None else None
                 yield _sse({**base, "choices": [choice]})
+            elif isinstance(event, ReasoningDelta):
+                yield _sse({**base, "choices": [{"index": event.index, "delta": {"reasoning_content": event.text},
+                                                 "logprobs": None, "finish_reason": None}]})  # fmt: skip
             elif isinstance(event, ToolCallDelta):
                 call: dict[str, Any] = {"index": event.call_index, "function": {"arguments": event.arguments}}
                 if event.id is not None:

@@ -21,7 +21,16 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from llmrun.errors import LlmrunError, UsageError
-from llmrun.server.inference import Finished, InferenceRequest, Stream, TextDelta, ToolCallDelta, final_answer, start
+from llmrun.server.inference import (
+    Finished,
+    InferenceRequest,
+    ReasoningDelta,
+    Stream,
+    TextDelta,
+    ToolCallDelta,
+    final_answer,
+    start,
+)
 from llmrun.server.sampling import sampling_from
 from llmrun.server.transport import EventStream, unless_disconnected
 from llmrun.tools import NO_PARAMETERS, Tool, ToolChoice
@@ -79,6 +88,12 @@ class ResponsesRequest(_Lenient):
     store: bool = True
     metadata: dict[str, Any] | None = None
     user: str | None = None
+    reasoning: dict[str, Any] | None = None  # {"effort": "none"}: a reasoning model answers without thinking
+
+    @property
+    def think(self) -> bool | None:
+        effort = (self.reasoning or {}).get("effort")
+        return None if effort is None else effort not in ("none", "minimal")
 
 
 def _content_text(content: Any, where: str) -> str:
@@ -192,6 +207,8 @@ async def _conversation(request: Request, body: ResponsesRequest) -> _Conversati
 
 def _output_items(event: Finished, message_id: str, call_ids: dict[int, str]) -> list[dict[str, Any]]:
     items: list[dict[str, Any]] = []
+    if event.reasoning:
+        items.append(_reasoning_item(f"rs_{uuid.uuid4().hex[:24]}", event.reasoning, "completed"))
     if event.text or not event.tool_calls:
         items.append(_message_item(message_id, event.text, "completed"))
     for number, call in enumerate(event.tool_calls):
@@ -205,6 +222,11 @@ def _message_item(item_id: str, text: str, status: str) -> dict[str, Any]:
         [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}] if status == "completed" else []
     )
     return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": content}
+
+
+def _reasoning_item(item_id: str, text: str, status: str) -> dict[str, Any]:
+    content = [{"type": "reasoning_text", "text": text}] if status == "completed" else []
+    return {"type": "reasoning", "id": item_id, "summary": [], "content": content, "status": status}
 
 
 def _call_item(item_id: str, call_id: str, name: str, arguments: str, status: str) -> dict[str, Any]:
@@ -238,7 +260,8 @@ def _response(
         "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
         "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
         "metadata": body.metadata or {}, "output": output, "parallel_tool_calls": body.parallel_tool_calls,
-        "previous_response_id": body.previous_response_id, "reasoning": {"effort": None, "summary": None},
+        "previous_response_id": body.previous_response_id,
+        "reasoning": {"effort": (body.reasoning or {}).get("effort"), "summary": None},
         "store": body.store, "temperature": body.temperature, "top_p": body.top_p,
         "text": {"format": text_format},
         "tool_choice": choice.model_dump() if isinstance(choice, NamedToolChoice) else (choice or "auto"),
@@ -276,7 +299,7 @@ async def create_response(body: ResponsesRequest, request: Request) -> Any:
     inference = InferenceRequest(
         model=body.model, messages=conversation.messages(), sampling=sampling, max_tokens=body.max_output_tokens,
         json_schema=schema, json_any=json_any, tools=tools, tool_choice=choice,
-        parallel_tool_calls=body.parallel_tool_calls, route="/v1/responses",
+        parallel_tool_calls=body.parallel_tool_calls, think=body.think, route="/v1/responses",
     )  # fmt: skip
     stream = await start(request.app.state.pool, inference)
     response_id = f"resp_{uuid.uuid4().hex[:24]}"
@@ -313,6 +336,21 @@ async def _events(
     text: list[str] = []
     call: dict[str, Any] | None = None  # the open function call item
     call_ids: dict[int, str] = {}
+    thought: dict[str, Any] | None = None  # the open reasoning item
+    thinking: list[str] = []
+
+    def close_reasoning() -> list[str]:
+        nonlocal thought
+        if thought is None:
+            return []
+        whole = "".join(thinking)
+        done = _reasoning_item(thought["id"], whole, "completed")
+        index = output.index(thought)
+        output[index] = done
+        thought = None
+        where = {"item_id": done["id"], "output_index": index, "content_index": 0}
+        return [sse("response.reasoning_text.done", {**where, "text": whole}),
+                sse("response.output_item.done", {"output_index": index, "item": done})]  # fmt: skip
 
     def close_message() -> list[str]:
         nonlocal message
@@ -343,8 +381,16 @@ async def _events(
 
     try:
         async for event in stream:
-            if isinstance(event, TextDelta) and event.text:
-                for line in close_call():
+            if isinstance(event, ReasoningDelta):
+                if thought is None:
+                    thought = _reasoning_item(f"rs_{uuid.uuid4().hex[:24]}", "", "in_progress")
+                    output.append(thought)
+                    yield sse("response.output_item.added", {"output_index": len(output) - 1, "item": thought})
+                thinking.append(event.text)
+                where = {"item_id": thought["id"], "output_index": output.index(thought), "content_index": 0}
+                yield sse("response.reasoning_text.delta", {**where, "delta": event.text})
+            elif isinstance(event, TextDelta) and event.text:
+                for line in [*close_reasoning(), *close_call()]:
                     yield line
                 if message is None:
                     message = _message_item(f"msg_{uuid.uuid4().hex[:24]}", "", "in_progress")
@@ -359,7 +405,7 @@ async def _events(
                 yield sse("response.output_text.delta", {**where, "delta": event.text, "logprobs": []})
             elif isinstance(event, ToolCallDelta):
                 if event.id is not None:
-                    for line in [*close_message(), *close_call()]:
+                    for line in [*close_reasoning(), *close_message(), *close_call()]:
                         yield line
                     call = _call_item(f"fc_{uuid.uuid4().hex[:24]}", event.id, event.name or "", "", "in_progress")
                     call_ids[event.call_index] = call["id"]
@@ -373,9 +419,9 @@ async def _events(
             elif isinstance(event, Finished):
                 if event.error is not None:
                     raise event.error
-                for line in [*close_message(), *close_call()]:
+                for line in [*close_reasoning(), *close_message(), *close_call()]:
                     yield line
-                if not output:  # an empty answer is still one (empty) message
+                if not any(item["type"] != "reasoning" for item in output):  # an empty answer is still a message
                     output.append(_message_item(f"msg_{uuid.uuid4().hex[:24]}", "", "completed"))
                 done = _response(body, response_id, created, model, "completed", output, event)
                 await _store(request, body, conversation, done, event)
