@@ -6,12 +6,14 @@ slash command does to it, so it reads like the REPL's rules.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from llmrun.engine import Engine, Generation, GenerationRequest, GenerationResult, SamplingParams
 from llmrun.errors import UsageError
 from llmrun.logs import Exchange, LogStore
+from llmrun.reasoning import CONTENT, REASONING, ReasoningSplitter, opened_in_prompt, thinks
 
 # Room kept for the answer when deciding whether old turns must go.
 ANSWER_RESERVE_TOKENS = 512
@@ -35,11 +37,30 @@ class Turn:
 
 @dataclass
 class PendingReply:
-    """An answer being generated: iterate ``generation`` for text, then ``ChatSession.finish`` it."""
+    """An answer being generated: iterate ``pieces()``, then ``ChatSession.finish`` it."""
 
     user_text: str
     generation: Generation
     dropped_turns: int
+    splitter: ReasoningSplitter | None = None  # a reasoning model's: its thinking apart from its answer
+    answer: list[str] = field(default_factory=list)
+    thinking: list[str] = field(default_factory=list)
+
+    def pieces(self) -> Iterator[tuple[str, str]]:
+        """``(kind, text)`` as the answer streams, kind ``reasoning`` or ``content``."""
+        for piece in self.generation:
+            yield from self._keep(self.splitter.feed(piece) if self.splitter else [(CONTENT, piece)])
+        if self.splitter is not None:
+            yield from self._keep(self.splitter.finish())
+
+    def _keep(self, pieces: list[tuple[str, str]]) -> Iterator[tuple[str, str]]:
+        for kind, text in pieces:
+            (self.thinking if kind == REASONING else self.answer).append(text)
+            yield kind, text
+
+    @property
+    def text(self) -> str:
+        return "".join(self.answer)
 
 
 @dataclass
@@ -55,6 +76,7 @@ class ChatSession:
     turns: list[Turn] = field(default_factory=list)
     attachment: str | None = None  # /read: text for the next message
     last_result: GenerationResult | None = None
+    last_thinking: str = ""  # a reasoning model's thinking before its last answer (/think shows it)
 
     # -- the conversation -------------------------------------------------------
 
@@ -93,13 +115,17 @@ class ChatSession:
             self.attachment = None
         prompt, dropped = self._fit(text)
         request = GenerationRequest(tuple(prompt), self.sampling, self.max_tokens, self.stop)
-        return PendingReply(text, self.engine.generate(request), dropped)
+        splitter = None
+        if thinks(self.engine.model.chat_template):
+            splitter = ReasoningSplitter(opened_in_prompt(self.engine.chat_text(self.messages(text)).text))
+        return PendingReply(text, self.engine.generate(request), dropped, splitter)
 
     def finish(self, reply: PendingReply) -> GenerationResult:
         """Keep the answer (complete, or what was generated before Ctrl-C) and log the exchange."""
-        result = reply.generation.result
+        result = replace(reply.generation.result, text=reply.text)  # the answer, without the thinking
         self.turns.append(Turn(reply.user_text, result.text))
         self.last_result = result
+        self.last_thinking = "".join(reply.thinking)
         if self.log is not None:
             if self.conversation_id is None:
                 self.conversation_id = self.log.new_conversation(self.model_name)

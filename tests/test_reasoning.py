@@ -73,7 +73,8 @@ def test_reasoning_templates_and_open_blocks_are_recognised() -> None:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, smollm2: Path) -> Iterator[Server]:
+def cli(tmp_path_factory: pytest.TempPathFactory, smollm2: Path) -> Cli:
+    """A store with SmolLM2 and "thinker", SmolLM2 under a template that thinks."""
     folder = tmp_path_factory.mktemp("thinker")
     (folder / "template.jinja").write_text(THINKING_TEMPLATE)
     thinker = folder / "thinker.gguf"
@@ -85,6 +86,11 @@ def server(tmp_path_factory: pytest.TempPathFactory, smollm2: Path) -> Iterator[
     cli = Cli(tmp_path_factory.mktemp("thinker-home"))
     assert cli("import", str(smollm2), "--name", "smollm2", "--link").returncode == 0
     assert cli("import", str(thinker), "--name", "thinker").returncode == 0
+    return cli
+
+
+@pytest.fixture(scope="module")
+def server(cli: Cli) -> Iterator[Server]:
     running = Server(cli, "thinker", "--parallel", "2", "--ctx", "1024", "--no-log")
     yield running
     running.stop()
@@ -185,3 +191,43 @@ def test_bad_think_values_do_not_break_the_server(server: Server) -> None:
     assert httpx.post(f"{server.url}/api/chat", json=body, timeout=60).status_code == 400
     ok = httpx.post(f"{server.url}/api/chat", json={**body, "think": "high", "options": {"num_predict": 2}}, timeout=60)
     assert ok.status_code == 200 and json.loads(ok.text)["message"]["thinking"]
+
+
+def test_run_prints_the_answer_and_shows_thinking_only_when_asked(cli: Cli) -> None:
+    asked = ("run", "thinker", "What is 2+2?", "-t", "0", "-n", "20", "--no-log")
+    quiet = cli(*asked)
+    assert quiet.returncode == 0 and quiet.stdout == "" and "only thought" in quiet.stderr
+    shown = cli(*asked, "--think")
+    record = cli(*asked, "--json").json()
+    assert shown.returncode == 0 and record["reasoning"] and record["reasoning"] in shown.stderr
+    assert record["text"] == "" and shown.stdout == ""
+    direct = cli(*asked, "--no-think")
+    assert direct.returncode == 0 and direct.stdout.strip() and "only thought" not in direct.stderr
+
+
+def test_run_schema_and_format_hold_the_answer_to_json(cli: Cli, tmp_path: Path) -> None:
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+              "age": {"type": "integer", "minimum": 0, "maximum": 120}}, "required": ["name", "age"]}  # fmt: skip
+    (tmp_path / "person.json").write_text(json.dumps(schema))
+    for given in (str(tmp_path / "person.json"), json.dumps(schema)):
+        answer = cli("run", "thinker", "Describe a person.", "-t", "0", "-n", "80", "--schema", given, "--no-log")
+        assert answer.returncode == 0, answer.stderr
+        person = json.loads(answer.stdout)
+        assert set(person) == {"name", "age"} and isinstance(person["age"], int)
+    shaped = cli("run", "smollm2", "Name a color.", "-t", "0", "-n", "200", "--format", "json", "--no-log")
+    assert shaped.returncode == 0 and isinstance(json.loads(shaped.stdout), dict)
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (("--schema", "missing.json"), "neither a file nor a JSON object"),
+        (("--schema", '{"type": '), "not valid JSON"),
+        (("--schema", "[1, 2]"), "neither a file nor a JSON object"),
+        (("--format", "yaml"), "--format 'yaml'"),
+    ],
+)
+def test_run_refuses_bad_schemas_in_one_line(cli: Cli, args: tuple[str, ...], expected: str) -> None:
+    refused = cli("run", "smollm2", "Hi", "--no-log", *args)
+    assert refused.returncode == 2 and expected in refused.stderr and "Traceback" not in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1

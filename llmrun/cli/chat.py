@@ -13,6 +13,7 @@ import typer
 from llmrun.cli import options
 from llmrun.cli.output import format_count, notice
 from llmrun.errors import LlmrunError
+from llmrun.reasoning import REASONING
 from llmrun.settings import (
     DEFAULT_MIN_P,
     DEFAULT_REPEAT_PENALTY,
@@ -45,6 +46,7 @@ HELP = """\
 /load NAME         continue a saved conversation (a name or an id from `llmrun logs`)
 /model NAME        switch to another model, keeping the conversation
 /regen             answer the last message again
+/think             a reasoning model's thinking before its last answer
 /undo              drop the last exchange
 /read FILE         add a file's text to the next message
 \"\"\"               start and end a message of several lines"""
@@ -57,33 +59,60 @@ class Renderer:
         self.plain = plain or not sys.stdout.isatty()
 
     def stream(self, reply: PendingReply) -> bool:
-        """Show the answer; returns False if Ctrl-C stopped it."""
+        """Show the answer; returns False if Ctrl-C stopped it.
+
+        A reasoning model's thinking shows dimmed while it thinks, and folds into one line when
+        the answer begins (``/think`` shows it again).
+        """
         if self.plain:
             return self._stream_plain(reply)
-        from rich.console import Console
+        from rich.console import Console, Group
         from rich.live import Live
         from rich.markdown import Markdown
+        from rich.text import Text
 
-        text = ""
+        began = time.monotonic()
+        thought_s: float | None = None
+        thinking = text = ""
+
+        def view() -> Group:
+            parts: list[Text | Markdown] = []
+            if thinking and thought_s is None:
+                parts.append(Text(thinking, style="dim"))
+            elif thinking:
+                parts.append(Text(f"thought for {thought_s:.1f} s (/think to read it)", style="dim italic"))
+            parts.append(Markdown(text))
+            return Group(*parts)
+
         last_draw = 0.0
-        with Live(Markdown(""), console=Console(), auto_refresh=False, vertical_overflow="visible") as live:
+        with Live(view(), console=Console(), auto_refresh=False, vertical_overflow="visible") as live:
             try:
-                for piece in reply.generation:
-                    text += piece
+                for kind, piece in reply.pieces():
+                    if kind == REASONING:
+                        thinking += piece
+                    else:
+                        if thinking and thought_s is None:
+                            thought_s = time.monotonic() - began
+                        text += piece
                     if time.monotonic() - last_draw >= RENDER_INTERVAL_S:
-                        live.update(Markdown(text), refresh=True)
+                        live.update(view(), refresh=True)
                         last_draw = time.monotonic()
             except KeyboardInterrupt:
-                live.update(Markdown(text), refresh=True)
+                live.update(view(), refresh=True)
                 return False
-            live.update(Markdown(text), refresh=True)
+            if thinking and thought_s is None:
+                thought_s = time.monotonic() - began
+            live.update(view(), refresh=True)
         return True
 
     @staticmethod
     def _stream_plain(reply: PendingReply) -> bool:
+        """The answer as raw text; a reasoning model's thinking is left out (``/think`` shows it)."""
         text = ""
         try:
-            for piece in reply.generation:
+            for kind, piece in reply.pieces():
+                if kind == REASONING:
+                    continue
                 text += piece
                 sys.stdout.write(piece)
                 sys.stdout.flush()
@@ -229,6 +258,8 @@ def handle_command(session: ChatSession, line: str, reopen: Reopen) -> PendingRe
         engine, name = reopen(argument)
         session.switch_engine(engine, name)
         notice(f"now chatting with {name}")
+    elif command == "think":
+        notice(session.last_thinking or "the last answer came without thinking")
     elif command == "regen":
         return session.regen()
     elif command == "undo":

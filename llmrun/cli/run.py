@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from llmrun.cli import options
 from llmrun.cli.output import notice, print_json, stdin_is_tty
 from llmrun.errors import ExitCode, UsageError
+from llmrun.reasoning import CONTENT, REASONING, ReasoningSplitter
 from llmrun.settings import (
     DEFAULT_MIN_P,
     DEFAULT_REPEAT_PENALTY,
@@ -34,20 +35,79 @@ def read_prompt(words: list[str]) -> str:
     return text
 
 
-def _stream(generation: Generation) -> None:
-    """Write text to stdout as it comes."""
-    for piece in generation:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
+def read_schema(value: str) -> dict[str, Any]:
+    """``--schema``: a JSON schema in a file, or written inline."""
+    import json
+    from pathlib import Path
+
+    text = value
+    if not value.lstrip().startswith("{"):
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise UsageError(f"--schema {value!r} is neither a file nor a JSON object", "give a schema file or JSON")
+        text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        schema = json.loads(text)
+    except ValueError as error:
+        raise UsageError(f"--schema is not valid JSON: {error}", "check the schema's syntax") from None
+    if not isinstance(schema, dict):
+        raise UsageError("--schema must be a JSON object", 'give a schema such as {"type": "object"}')
+    return schema
 
 
-def _report(engine: Engine, generation: Generation, model_name: str, verbose: bool, json_output: bool) -> None:
+class _Answer:
+    """Splits a reasoning model's thinking from its answer: the answer to stdout, the thinking to stderr
+    (dimmed on a terminal) with --think, or nowhere."""
+
+    def __init__(self, inside: bool | None, show_thinking: bool) -> None:
+        self.splitter = ReasoningSplitter(inside) if inside is not None else None
+        self.show_thinking = show_thinking
+        self.text: list[str] = []
+        self.reasoning: list[str] = []
+        self._dim = show_thinking and sys.stderr.isatty() and not os.environ.get("NO_COLOR")
+        self._thought = False
+
+    def feed(self, piece: str, write: bool) -> None:
+        pieces = [(CONTENT, piece)] if self.splitter is None else self.splitter.feed(piece)
+        for kind, text in pieces:
+            self._emit(kind, text, write)
+
+    def finish(self, write: bool) -> None:
+        if self.splitter is not None:
+            for kind, text in self.splitter.finish():
+                self._emit(kind, text, write)
+        if self._thought:
+            sys.stderr.write("\n")
+            self._thought = False
+
+    def _emit(self, kind: str, text: str, write: bool) -> None:
+        if kind == REASONING:
+            self.reasoning.append(text)
+            if write and self.show_thinking:
+                sys.stderr.write(f"\x1b[2m{text}\x1b[0m" if self._dim else text)
+                sys.stderr.flush()
+                self._thought = True
+            return
+        if self._thought:  # the thinking ends its line before the answer begins
+            sys.stderr.write("\n")
+            self._thought = False
+        self.text.append(text)
+        if write:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+
+def _report(
+    engine: Engine, generation: Generation, answer: _Answer, model_name: str, verbose: bool, json_output: bool
+) -> None:
     result = generation.result
     if json_output:
+        reasoning = {"reasoning": "".join(answer.reasoning)} if answer.reasoning else {}
         print_json(
             {
                 "model": model_name,
-                "text": result.text,
+                "text": "".join(answer.text),
+                **reasoning,
                 "finish_reason": result.finish_reason,
                 "prompt_tokens": result.prompt_tokens,
                 "completion_tokens": result.completion_tokens,
@@ -104,33 +164,81 @@ def run_command(
     json_output: Annotated[
         bool, typer.Option("--json", help="Print one JSON object: text, token counts, timings.")
     ] = False,
+    schema: Annotated[
+        str | None,
+        typer.Option(
+            "--schema",
+            help="Answer in JSON matching this JSON schema (a file, or the JSON itself).",
+            show_default=False,
+            metavar="FILE|JSON",
+        ),
+    ] = None,
+    output_format: Annotated[
+        str | None,
+        typer.Option(
+            "--format",
+            help="json: answer with a JSON object (as Ollama's --format json).",
+            show_default=False,
+            metavar="json",
+        ),
+    ] = None,
+    think: Annotated[
+        bool | None,
+        typer.Option(
+            "--think/--no-think",
+            help="A reasoning model's thinking: show it (on stderr), or ask the "
+            "model not to think. By default it thinks and only the answer is printed.",
+            show_default=False,
+        ),
+    ] = None,
     no_pull: options.NoPull = False,
     no_log: Annotated[bool, typer.Option("--no-log", help="Do not log this exchange.")] = False,
     verbose: options.Verbose = False,
 ) -> None:
     """Answer one prompt, streaming the answer to stdout."""
+    if output_format is not None and output_format != "json":
+        raise UsageError(f"--format {output_format!r} is not known", "use --format json, or --schema for a shape")
+    json_schema = read_schema(schema) if schema is not None else None
     resolved = options.resolve(model, no_pull)
     text = read_prompt(prompt or [])
 
+    from dataclasses import replace
+
     from llmrun.engine import GenerationRequest
+    from llmrun.engine.sampling import check_grammar, json_schema_grammar
+    from llmrun.reasoning import opened_in_prompt, thinks
 
     with options.open_engine(resolved, ctx, threads, gpu_layers, verbose) as engine:
         if verbose and not raw and not engine.model.chat_template:
             notice("the model has no chat template: sending the prompt as plain text")
+        sampling = options.sampling_params(temperature, top_p, top_k, min_p, repeat_penalty, seed)
+        constrained = json_schema is not None or output_format == "json"
+        if constrained:
+            sampling = replace(sampling, grammar=json_schema_grammar(json_schema))
+            check_grammar(engine.model.vocab, sampling.grammar or "")
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-        prompt_tokens = (
-            engine.raw_prompt("\n\n".join(m["content"] for m in messages)) if raw else engine.chat_prompt(messages)
-        )
+        inside = None
+        if raw:
+            prompt_tokens = engine.raw_prompt("\n\n".join(m["content"] for m in messages))
+        else:
+            # A JSON answer from the first token leaves no room to think.
+            thinking = thinks(engine.model.chat_template) and not constrained
+            wanted = think if thinking else (False if thinks(engine.model.chat_template) else None)
+            chat = engine.chat_text(messages, None, **({"enable_thinking": wanted} if wanted is not None else {}))
+            prompt_tokens = engine.chat_tokens(chat)
+            if thinking:
+                inside = opened_in_prompt(chat.text)
         request = GenerationRequest(
             prompt_tokens=tuple(prompt_tokens),
-            sampling=options.sampling_params(temperature, top_p, top_k, min_p, repeat_penalty, seed),
+            sampling=sampling,
             max_tokens=max_tokens,
             stop=tuple(stop or ()),
             ignore_eos=ignore_eos,
         )
-        result = _generate(engine, request, resolved.name, verbose=verbose, json_output=json_output)
+        answer = _Answer(inside, show_thinking=bool(think))
+        result = _generate(engine, request, answer, resolved.name, verbose=verbose, json_output=json_output)
         if not (no_log or get_settings().no_log):
-            _log(resolved.name, text, system, request, result)
+            _log(resolved.name, text, system, request, replace(result, text="".join(answer.text)))
 
 
 def _log(
@@ -145,27 +253,27 @@ def _log(
 
 
 def _generate(
-    engine: Engine, request: GenerationRequest, model_name: str, *, verbose: bool, json_output: bool
+    engine: Engine, request: GenerationRequest, answer: _Answer, model_name: str, *, verbose: bool, json_output: bool
 ) -> GenerationResult:
     generation = engine.generate(request)
     interrupted = False
     try:
-        if json_output:
-            for _ in generation:
-                pass
-        else:
-            _stream(generation)
+        for piece in generation:
+            answer.feed(piece, write=not json_output)
+        answer.finish(write=not json_output)
     except KeyboardInterrupt:
         interrupted = True
     except BrokenPipeError:
         # The reader went away (`llmrun run ... | head -1`): it has all it wanted, so stop quietly.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise typer.Exit(ExitCode.OK) from None
-    text = generation.result.text
+    text = "".join(answer.text)
+    if not text and answer.reasoning and not answer.show_thinking and not json_output:
+        notice("the model only thought, and gave no answer: see its thinking with --think, or allow more --max-tokens")
     if not json_output and text and not text.endswith("\n"):
         sys.stdout.write("\n")
         sys.stdout.flush()
-    _report(engine, generation, model_name, verbose, json_output)
+    _report(engine, generation, answer, model_name, verbose, json_output)
     if interrupted:
         raise typer.Exit(ExitCode.INTERRUPTED)
     return generation.result
