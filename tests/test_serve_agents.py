@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,7 @@ def claude(server: Server, api_key: str = "none") -> anthropic.Anthropic:
 # -- Ollama -----------------------------------------------------------------------------------
 
 
-def test_ollama_tools_come_back_as_objects_streamed_or_not(server: Server) -> None:
+def test_ollama_tools_come_back_as_objects_streamed_or_not(server: Server, cli: Cli) -> None:
     client = ollama.Client(host=server.url, timeout=120)
     options = {"temperature": 0, "num_predict": 120}
     asked = [{"role": "user", "content": "Call get_weather for Paris in celsius."}]
@@ -70,6 +71,17 @@ def test_ollama_tools_come_back_as_objects_streamed_or_not(server: Server) -> No
                {"role": "tool", "tool_name": calls[0].function.name, "content": "18 degrees and sunny"}]  # fmt: skip
     final = client.chat(model="smollm2", messages=history, options={"temperature": 0, "num_predict": 30})
     assert final.message.content and not final.message.tool_calls
+
+    # The log keeps the calls, as the JSON the client got (written just after the answer).
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        logged = [entry for entry in cli("logs", "--json", "-n", "0").json() if entry["prompt"] == asked[0]["content"]]
+        if len(logged) >= 3:
+            break
+        time.sleep(0.5)
+    *calls, last = sorted(logged, key=lambda entry: entry["id"])  # the two calls, then the answer to their result
+    assert len(logged) == 3 and all(json.loads(entry["response"])["tool_calls"] for entry in calls)
+    assert last["response"] == final.message.content
 
 
 # -- Anthropic Messages -----------------------------------------------------------------------
