@@ -151,6 +151,16 @@ def test_anthropic_output_config_format_holds_the_answer_to_the_schema(server: S
     jsonschema.validate(json.loads(answer.content[0].text), WEATHER)  # type: ignore[union-attr]
 
 
+def test_anthropic_sdk_lists_and_gets_models_in_its_shape(server: Server) -> None:
+    client = claude(server)
+    names = [model.id for model in client.models.list()]
+    assert "smollm2" in names and client.models.retrieve("smollm2").display_name == "smollm2"
+    assert [model.id for model in server.openai().models.list()] == names  # the OpenAI shape, for OpenAI clients
+    with pytest.raises(anthropic.NotFoundError) as raised:
+        client.models.retrieve("no-such-model")
+    assert raised.value.body["error"]["type"] == "not_found_error"  # type: ignore[index]
+
+
 def test_anthropic_count_tokens_matches_what_a_message_uses(server: Server) -> None:
     client = claude(server)
     options: dict[str, Any] = {"model": "smollm2", "messages": ASK, "tools": ANTHROPIC_TOOLS, "system": "Be brief."}

@@ -87,7 +87,7 @@ def error_response(request: Request, error: BaseException) -> JSONResponse:
         headers["Retry-After"] = str(retry_after)
     if status == 401:
         headers["WWW-Authenticate"] = "Bearer"
-    if request.url.path.startswith("/v1/messages"):
+    if request.url.path.startswith("/v1/messages") or "anthropic-version" in request.headers:
         return JSONResponse(anthropic_error_body(error), status_code=status, headers=headers)
     if request.url.path.startswith("/v1"):
         return JSONResponse(openai_error_body(error), status_code=status, headers=headers)

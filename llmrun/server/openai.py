@@ -508,11 +508,14 @@ async def list_models(request: Request) -> Any:
     seen = set()
     for model in pool.models.values():
         seen.add(model.name)
-        data.append({"id": model.name, "object": "model", "created": int(model.loaded_at), "owned_by": "llmrun"})
+        data.append(_model(model.name, int(model.loaded_at), request))
     for entry in pool.store.entries():
         if entry.name not in seen:
-            created = _timestamp(entry.added_at)
-            data.append({"id": entry.name, "object": "model", "created": created, "owned_by": "llmrun"})
+            data.append(_model(entry.name, _timestamp(entry.added_at), request))
+    if _anthropic(request):
+        ids = [model["id"] for model in data]
+        first, last = (ids[0], ids[-1]) if ids else (None, None)
+        return JSONResponse({"data": data, "has_more": False, "first_id": first, "last_id": last})
     return JSONResponse({"object": "list", "data": data})
 
 
@@ -521,6 +524,20 @@ async def get_model(model_id: str, request: Request) -> Any:
     pool = request.app.state.pool
     name, _, entry = pool.resolve(model_id)
     created = _timestamp(entry.added_at) if entry is not None else int(time.time())
+    return _model(name, created, request)
+
+
+def _anthropic(request: Request) -> bool:
+    """The Anthropic SDK asks for models under the same path, and says so with its version header."""
+    return "anthropic-version" in request.headers
+
+
+def _model(name: str, created: int, request: Request) -> dict[str, Any]:
+    if _anthropic(request):
+        from datetime import datetime, timezone
+
+        when = datetime.fromtimestamp(created, timezone.utc).isoformat().replace("+00:00", "Z")
+        return {"type": "model", "id": name, "display_name": name, "created_at": when}
     return {"id": name, "object": "model", "created": created, "owned_by": "llmrun"}
 
 
