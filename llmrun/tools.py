@@ -202,12 +202,12 @@ def _grammar(fmt: ToolFormat, tools: tuple[Tool, ...], forced: bool, parallel: b
         if not forced:
             answer = {"type": "object", "properties": {"response": {"type": "string"}}, "required": ["response"]}
             schema = {"anyOf": [schema, answer]}
-        return json_schema_rules(schema), ()
+        return json_schema_rules(schema, compact=True), ()
     if fmt is ToolFormat.LLAMA3:
-        rules = json_schema_rules(_call_schema(tools, "parameters"), "call")
+        rules = json_schema_rules(_call_schema(tools, "parameters"), "call", compact=True)
         root = 'root ::= "<|python_tag|>"? call' if forced else "root ::= call"
         return f"{root}\n{rules}", () if forced else (r"\s*(\{\s*\"name\"|<\|python_tag\|>)[\s\S]*",)
-    rules = json_schema_rules(_call_schema(tools, "arguments"), "call")
+    rules = json_schema_rules(_call_schema(tools, "arguments"), "call", compact=True)
     if fmt is ToolFormat.MISTRAL:
         more = '("," space call)*' if parallel else ""
         root = f'root ::= "[TOOL_CALLS]" space "[" space call {more} "]" space'

@@ -3,7 +3,8 @@
 
 The same streaming chat request (a prompt asking for a JSON object describing a person:
 name, age, email, address with street/city/zip, tags), temperature 0, `max_tokens` 128,
-no `ignore_eos`, is sent in three modes:
+no `ignore_eos`, `repeat_penalty` 1.0 (llmrun's default is 1.1, llama-server's 1.0: the same
+greedy sampler on both unless --repeat-penalty says otherwise), is sent in three modes:
 
   * unconstrained: no `response_format`;
   * json_schema: `response_format: {"type": "json_schema", "json_schema": {"name": "person",
@@ -24,10 +25,13 @@ of C) from C concurrent clients; cells run one server after the other, round aft
 so drift in the machine's load hits both alike. Each request's generated tokens/s is its
 `completion_tokens` (from the streamed `usage`) over the time from sending it to its last
 token; answers held by a grammar may stop before 128 tokens, so tokens/s is compared, not
-wall time. Reported per cell (medians over rounds): the median per-request tokens/s, the
-aggregate tokens/s (all tokens / wall time), time to first token p50, and how many answers
-parse as JSON and how many validate against SCHEMA. Targets: llmrun json_schema tokens/s
->= 0.9x llmrun unconstrained, and >= 1.0x llama-server json_schema.
+wall time. Reported per cell (medians over rounds): the median per-request tokens/s; the
+median decode tokens/s (tokens after the first over the time after the first: without the
+prompt's cost, which weighs more on a short answer than on a long one); the aggregate
+tokens/s (all tokens / wall time); tokens per answer; time to first token p50; and how many
+answers parse as JSON and how many validate against SCHEMA (in every mode; with --json, the
+answers themselves). Targets: llmrun json_schema tokens/s >= 0.9x llmrun unconstrained, and
+>= 1.0x llama-server json_schema (the decode tokens/s ratios are printed beside them).
 
     python scripts/bench_grammar.py                                   # SmolLM2, C = 1 and 4, 2 rounds
     python scripts/bench_grammar.py --rounds 1 --requests 2 --concurrency 1   # a quick smoke run
@@ -65,6 +69,7 @@ PARALLEL = 4
 N_GEN = 128
 MODES = ("unconstrained", "json_schema", "json_object")
 SERVERS = ("llmrun", "llama-server")
+RATES = ("tok_s", "decode_tok_s", "aggregate_tok_s")
 TARGET_VS_UNCONSTRAINED = 0.9
 TARGET_VS_NATIVE = 1.0
 JOBS = ("a lighthouse keeper", "a software engineer", "a beekeeper", "a deep-sea diver", "a chess coach",
@@ -119,10 +124,17 @@ class Outcome:
     parses: bool
     valid: bool
     finish_reason: str | None
+    text: str
 
     @property
     def tok_s(self) -> float:
         return self.tokens / self.total_s if self.total_s > 0 else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        """Tokens after the first over the time after the first: the generation rate without the prompt's cost."""
+        decode_s = self.total_s - self.ttft_s
+        return (self.tokens - 1) / decode_s if self.tokens > 1 and decode_s > 0 else 0.0
 
 
 def check_json(text: str) -> tuple[bool, bool]:
@@ -134,9 +146,9 @@ def check_json(text: str) -> tuple[bool, bool]:
     return True, VALIDATOR.is_valid(value)
 
 
-async def stream_chat(client: httpx.AsyncClient, server: Server, mode: str, text: str) -> Outcome:
+async def stream_chat(client: httpx.AsyncClient, server: Server, mode: str, text: str, penalty: float) -> Outcome:
     body: dict[str, Any] = {"model": server.model, "messages": [{"role": "user", "content": text}],
-                            "max_tokens": N_GEN, "temperature": 0, "stream": True,
+                            "max_tokens": N_GEN, "temperature": 0, "repeat_penalty": penalty, "stream": True,
                             "stream_options": {"include_usage": True}}  # fmt: skip
     if (fmt := response_format(mode)) is not None:
         body["response_format"] = fmt
@@ -167,20 +179,25 @@ async def stream_chat(client: httpx.AsyncClient, server: Server, mode: str, text
                     if first is None:
                         first = last
     end = last or time.perf_counter()
-    parses, valid = check_json("".join(parts).strip())
-    return Outcome(usage_tokens or chunks, (first or end) - started, end - started, parses, valid, finish)
+    text = "".join(parts)
+    parses, valid = check_json(text.strip())
+    return Outcome(usage_tokens or chunks, (first or end) - started, end - started, parses, valid, finish, text)
 
 
-async def cell(server: Server, mode: str, concurrency: int, requests: int, nonce: str) -> dict[str, Any]:
+async def cell(server: Server, mode: str, concurrency: int, args: argparse.Namespace, nonce: str) -> dict[str, Any]:
     """``requests`` requests (rounded up to a multiple of C) from C clients, each taking the next one when done."""
-    total = math.ceil(requests / concurrency) * concurrency
+    total = math.ceil(args.requests / concurrency) * concurrency
     queue = list(range(total))
     outcomes: list[Outcome] = []
 
     async def worker(client: httpx.AsyncClient) -> None:
         while queue:
             index = queue.pop(0)
-            outcomes.append(await stream_chat(client, server, mode, prompt(index, nonce)))
+            try:
+                outcome = await stream_chat(client, server, mode, prompt(index, nonce), args.repeat_penalty)
+            except httpx.RemoteProtocolError:  # a kept-alive connection the server had closed: ask again, once
+                outcome = await stream_chat(client, server, mode, prompt(index, nonce), args.repeat_penalty)
+            outcomes.append(outcome)
 
     limits = httpx.Limits(max_connections=concurrency + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
@@ -189,6 +206,7 @@ async def cell(server: Server, mode: str, concurrency: int, requests: int, nonce
         wall = time.perf_counter() - started
     return {
         "tok_s": statistics.median(outcome.tok_s for outcome in outcomes),
+        "decode_tok_s": statistics.median(outcome.decode_tok_s for outcome in outcomes),
         "aggregate_tok_s": sum(outcome.tokens for outcome in outcomes) / wall,
         "ttft_p50": _percentile(sorted(outcome.ttft_s for outcome in outcomes), 50),
         "tokens": sum(outcome.tokens for outcome in outcomes),
@@ -204,6 +222,13 @@ def native_bin_dir() -> Path | None:
     version = importlib.metadata.version("llama-cpp-python")
     bin_dir = ROOT / ".cache" / "native" / f"llama_cpp_python-{version}" / "build" / "bin"
     return bin_dir if (bin_dir / "llama-server").exists() else None
+
+
+def summary(outcome: dict[str, Any]) -> str:
+    total = outcome["total"]
+    return (f"{outcome['tok_s']:6.1f} tok/s (decode {outcome['decode_tok_s']:6.1f}, aggregate "
+            f"{outcome['aggregate_tok_s']:6.1f})  TTFT p50 {outcome['ttft_p50']:.3f}s  JSON {outcome['parses']}/{total}"
+            f"  schema {outcome['valid']}/{total}  ({outcome['tokens']} tokens)")  # fmt: skip
 
 
 def bench_model(model: Path, args: argparse.Namespace, bin_dir: Path | None) -> dict[str, Any]:
@@ -231,7 +256,7 @@ def bench_model(model: Path, args: argparse.Namespace, bin_dir: Path | None) -> 
                         for server in running:
                             key = f"{mode}/c{concurrency}"
                             try:
-                                outcome = asyncio.run(cell(server, mode, concurrency, args.requests, nonce))
+                                outcome = asyncio.run(cell(server, mode, concurrency, args, nonce))
                             except (RuntimeError, httpx.HTTPError) as error:
                                 note = f"{server.name} {key}: {str(error).splitlines()[0]}"
                                 if note not in notes:
@@ -240,10 +265,7 @@ def bench_model(model: Path, args: argparse.Namespace, bin_dir: Path | None) -> 
                                 continue
                             results.setdefault(server.name, {}).setdefault(key, []).append(outcome)
                             print(f"  round {round_index + 1} {server.name:<12} {mode:<13} C={concurrency:<2} "
-                                  f"{outcome['tok_s']:7.1f} tok/s (aggregate {outcome['aggregate_tok_s']:6.1f})  "
-                                  f"TTFT p50 {outcome['ttft_p50']:.3f}s  JSON {outcome['parses']}/{outcome['total']}"
-                                  f"  schema {outcome['valid']}/{outcome['total']}  ({outcome['tokens']} tokens)",
-                                  flush=True)  # fmt: skip
+                                  + summary(outcome), flush=True)  # fmt: skip
         finally:
             for server in servers:
                 server.stop()
@@ -258,22 +280,23 @@ def report(model: Path, data: dict[str, Any], concurrency: list[int]) -> list[st
     results = data["results"]
     names = [name for name in SERVERS if results.get(name)]
     lines = [f"\n## {model.name}\n",
-             "| mode | C | server | tok/s (per request) | aggregate tok/s | TTFT p50 (s) | parses as JSON | valid |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| mode | C | server | tok/s | decode tok/s | aggregate tok/s | tokens / request | TTFT p50 (s) "
+             "| parses as JSON | valid |", "|---" * 10 + "|"]  # fmt: skip
     for c in concurrency:
         for mode in MODES:
             key = f"{mode}/c{c}"
             for name in names:
                 entries = results[name].get(key)
                 if not entries:
-                    lines.append(f"| {mode} | {c} | {name} | - | - | - | - | - |")
+                    lines.append(f"| {mode} | {c} | {name} |" + " - |" * 7)
                     continue
                 total = sum(entry["total"] for entry in entries)
                 parses = sum(entry["parses"] for entry in entries)
                 valid = sum(entry["valid"] for entry in entries)
-                lines.append(f"| {mode} | {c} | {name} | {median_of(entries, 'tok_s'):.1f} | "
-                             f"{median_of(entries, 'aggregate_tok_s'):.1f} | {median_of(entries, 'ttft_p50'):.3f} | "
-                             f"{parses}/{total} | {valid}/{total} |")  # fmt: skip
+                cells = [mode, str(c), name, *(f"{median_of(entries, key):.1f}" for key in RATES),
+                         f"{sum(entry['tokens'] for entry in entries) / total:.0f}",
+                         f"{median_of(entries, 'ttft_p50'):.3f}", f"{parses}/{total}", f"{valid}/{total}"]  # fmt: skip
+                lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     ours = results.get("llmrun", {})
     native = results.get("llama-server", {})
@@ -286,8 +309,10 @@ def report(model: Path, data: dict[str, Any], concurrency: list[int]) -> list[st
                 lines.append(f"C={c}: llmrun json_schema / {label}: - (target >= {target:.1f}x)")
                 continue
             ratio = median_of(constrained, "tok_s") / median_of(other, "tok_s")
+            decode = median_of(constrained, "decode_tok_s") / median_of(other, "decode_tok_s")
             verdict = "meets" if ratio >= target else "MISSES"
-            lines.append(f"C={c}: llmrun json_schema / {label}: {ratio:.2f}x ({verdict} the target >= {target:.1f}x)")
+            lines.append(f"C={c}: llmrun json_schema / {label}: {ratio:.2f}x tok/s ({verdict} the target >= "
+                         f"{target:.1f}x); decode tok/s {decode:.2f}x")  # fmt: skip
     for note in data["notes"]:
         lines.append(f"note: {note}")
     return lines
@@ -302,6 +327,8 @@ def main() -> int:
     parser.add_argument("--concurrency", type=lambda text: [int(x) for x in text.split(",")], default=[1, 4])
     parser.add_argument("--requests", type=int, default=6, help="requests per cell (rounded up to a multiple of C)")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--repeat-penalty", type=float, default=1.0,
+                        help="sent to both servers (llmrun's own default is 1.1, llama-server's 1.0)")  # fmt: skip
     parser.add_argument("--skip", action="append", default=[], choices=["llama-server"])
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     args = parser.parse_args()
@@ -316,7 +343,8 @@ def main() -> int:
         if bin_dir is None:
             print("native llama-server not built (run scripts/build_native.sh); measuring llmrun alone", flush=True)
     lines = [f"# grammar-constrained generation, llmrun serve vs llama-server: {args.threads} threads, ctx {args.ctx} "
-             f"per request, {PARALLEL} slots, temperature 0, up to {N_GEN} tokens, {args.requests} requests per cell, "
+             f"per request, {PARALLEL} slots, temperature 0, repeat penalty "
+             f"{args.repeat_penalty}, up to {N_GEN} tokens, {args.requests} requests per cell, "
              f"{args.rounds} rounds (medians)"]  # fmt: skip
     raw: dict[str, Any] = {"schema": SCHEMA, "models": {}}
     for model in models:

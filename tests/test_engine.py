@@ -220,3 +220,51 @@ def test_a_different_prompt_reuses_only_the_shared_start(smollm2_engine: Engine)
     # Reuse must not change the answer: the same prompt in a fresh context gives the same text.
     with Engine(smollm2_engine.model.path, LoadOptions(n_ctx=2048)) as fresh:
         assert generate(fresh, second, sampling=GREEDY, max_tokens=4)[0] == reused_text
+
+
+@pytest.mark.parametrize("boost", [0.0, 4.0])
+def test_grammar_checked_after_the_pick_gives_the_grammar_first_greedy_token(
+    smollm2_engine: Engine, boost: float
+) -> None:
+    """The grammar checks the chain's pick, not the whole vocabulary; greedy, the token is the best one it allows.
+
+    Random logits, with (boost) or without the allowed tokens among the likeliest: the reference masks every
+    token the grammar refuses and takes the best left.
+    """
+    import ctypes
+
+    import numpy as np
+
+    from llmrun.engine.native import llama_cpp
+    from llmrun.engine.sampling import SamplerChain, grammar_sampler, json_schema_grammar
+
+    model = smollm2_engine.model
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
+              "age": {"type": "integer"}, "tags": {"type": "array", "items": {"enum": ["a", "bc"]}}},
+              "required": ["name", "age", "tags"]}  # fmt: skip
+    grammar = json_schema_grammar(schema)
+    chain = SamplerChain(SamplingParams(temperature=0, repeat_penalty=1.0, grammar=grammar), model.n_vocab, model.vocab)
+    reference = grammar_sampler(model.vocab, grammar)
+    everything = (llama_cpp.llama_token_data * model.n_vocab)()
+    view = np.ctypeslib.as_array(everything)
+    rng = np.random.default_rng(7)
+    produced = []
+    try:
+        for _ in range(60):
+            logits = rng.normal(size=model.n_vocab).astype(np.float32)
+            view["id"], view["logit"], view["p"] = np.arange(model.n_vocab), logits, 0.0
+            array = llama_cpp.llama_token_data_array(everything, model.n_vocab, -1, False)
+            llama_cpp.llama_sampler_apply(reference, ctypes.byref(array))
+            allowed = np.isfinite(view["logit"])
+            if not allowed.any():
+                break  # the JSON is complete
+            logits[allowed & (rng.random(model.n_vocab) < 0.5)] += boost
+            expected = int(np.flatnonzero(allowed)[np.argmax(logits[allowed])])
+            token = chain.sample_constrained(logits.ctypes.data_as(ctypes.POINTER(ctypes.c_float)))
+            assert token == expected
+            llama_cpp.llama_sampler_accept(reference, token)
+            produced.append(token)
+    finally:
+        chain.close()
+        llama_cpp.llama_sampler_free(reference)
+    assert len(produced) > 10

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import math
 import random
 import re
 from dataclasses import dataclass
@@ -64,6 +65,10 @@ def check_grammar(vocab: Any, grammar: str, triggers: tuple[str, ...] = ()) -> N
 # llama-cpp-python's port of the converter lets a string hold raw control characters (a newline, a tab), which
 # JSON forbids; llama.cpp's own converter excludes them, as this rule does.
 _STRICT_CHAR_RULE = r'char ::= [^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4})'
+# Its whitespace is one optional space; llama.cpp's (as here) also lets a model lay JSON out on lines, as most
+# models were trained to: a token the grammar refuses costs a second pick over the whole vocabulary, so a grammar
+# that refuses the model's every newline makes constrained output about half as fast.
+_SPACE_RULE = r'space ::= | " " | "\n"{1,2} [ \t]{0,20}'
 
 
 def json_schema_grammar(schema: dict[str, Any] | None) -> str:
@@ -73,8 +78,11 @@ def json_schema_grammar(schema: dict[str, Any] | None) -> str:
     return JSON_GBNF if schema is None else json_schema_rules(schema)
 
 
-def json_schema_rules(schema: dict[str, Any], name: str = "root") -> str:
-    """GBNF rules for JSON matching ``schema``, the top one called ``name`` (to use inside a larger grammar)."""
+def json_schema_rules(schema: dict[str, Any], name: str = "root", *, compact: bool = False) -> str:
+    """GBNF rules for JSON matching ``schema``, the top one called ``name`` (to use inside a larger grammar).
+
+    ``compact``: JSON on one line (at most a space between tokens), as tool-call arguments are sent.
+    """
     from llama_cpp.llama_grammar import SchemaConverter
 
     try:
@@ -83,7 +91,8 @@ def json_schema_rules(schema: dict[str, Any], name: str = "root") -> str:
         grammar = str(converter.format_grammar())  # type: ignore[no-untyped-call]
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError, NotImplementedError) as error:
         raise UsageError(f"the JSON schema cannot be turned into a grammar: {error}", "simplify the schema") from None
-    return re.sub(r"^char ::= .*$", lambda _: _STRICT_CHAR_RULE, grammar, flags=re.MULTILINE)
+    grammar = re.sub(r"^char ::= .*$", lambda _: _STRICT_CHAR_RULE, grammar, flags=re.MULTILINE)
+    return grammar if compact else re.sub(r"^space ::= .*$", lambda _: _SPACE_RULE, grammar, flags=re.MULTILINE)
 
 
 class SamplerChain:
@@ -99,9 +108,17 @@ class SamplerChain:
             entries = [llama_cpp.llama_logit_bias(token, bias) for token, bias in params.logit_bias]
             biases = (llama_cpp.llama_logit_bias * len(entries))(*entries)
             add(self.handle, llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(params.logit_bias), biases))
+        # The grammar stays out of the chain: checking every token of the vocabulary against it at each
+        # step halves the speed. As llama.cpp's own sampler does, the chain picks a token, the grammar
+        # checks that one, and only when it refuses it is the pick made again with the grammar first
+        # (over the whole vocabulary, so that top-k cannot keep none of the tokens it allows).
+        self.grammar: Any = None
         if params.grammar is not None:
-            # Before top-k: the grammar must choose among every token, or top-k may keep none it allows.
-            add(self.handle, grammar_sampler(vocab, params.grammar, params.grammar_triggers))
+            self.grammar = grammar_sampler(vocab, params.grammar, params.grammar_triggers)
+            self._candidates = _Candidates(n_vocab)
+            # The allowed tokens the chain must see among the likeliest for its pick to be the one it would
+            # make over the whole vocabulary: the best (greedy), or the top k (sampling; None: all tokens).
+            self._needed: int | None = 1 if params.temperature <= 0 else (params.top_k or None)
         # top-k first: the penalty sampler is slow over a whole vocabulary (llama.h says so), and
         # penalties only lower logits, so the tokens they could promote are already among the top k.
         if params.top_k > 0:
@@ -124,9 +141,91 @@ class SamplerChain:
 
     def sample(self, ctx: Any, batch_index: int) -> int:
         """Sample (and accept) a token from the logits at ``batch_index`` of the last decode."""
-        return int(llama_cpp.llama_sampler_sample(self.handle, ctx, batch_index))
+        if self.grammar is None:
+            return int(llama_cpp.llama_sampler_sample(self.handle, ctx, batch_index))
+        return self.sample_constrained(llama_cpp.llama_get_logits_ith(ctx, batch_index))
+
+    def sample_constrained(self, logits: Any) -> int:
+        """Sample (and accept) a token the grammar allows from ``logits`` (a float pointer, n_vocab long)."""
+        assert self.grammar is not None
+        candidates = self._candidates
+        candidates.load(logits)
+        token = candidates.pick(self.handle)
+        if not candidates.allows(self.grammar, token):
+            token = candidates.pick_allowed(self.handle, self.grammar, self._needed)
+        llama_cpp.llama_sampler_accept(self.grammar, token)
+        llama_cpp.llama_sampler_accept(self.handle, token)
+        return token
 
     def close(self) -> None:
         if self.handle is not None:
             llama_cpp.llama_sampler_free(self.handle)
             self.handle = None
+        if self.grammar is not None:
+            llama_cpp.llama_sampler_free(self.grammar)
+            self.grammar = None
+
+
+LIKELIEST = 256  # tokens the grammar is asked about first when it refuses the chain's pick
+
+
+class _Candidates:
+    """A vocabulary's worth of llama.cpp token candidates, refilled from logits with numpy."""
+
+    def __init__(self, n_vocab: int) -> None:
+        import numpy as np
+
+        self.n_vocab = n_vocab
+        self.buffer = (llama_cpp.llama_token_data * n_vocab)()
+        self.view = np.ctypeslib.as_array(self.buffer)
+        self.ids = np.arange(n_vocab, dtype=np.int32)
+        self.array = llama_cpp.llama_token_data_array(self.buffer, n_vocab, -1, False)
+        self.pointer = ctypes.byref(self.array)
+        self.one = (llama_cpp.llama_token_data * 1)()
+        self.one_array = llama_cpp.llama_token_data_array(self.one, 1, -1, False)
+        self._logits: Any = None
+
+    def load(self, logits_pointer: Any) -> None:
+        import numpy as np
+
+        self._logits = np.ctypeslib.as_array(logits_pointer, shape=(self.n_vocab,))
+        self.reload()
+
+    def reload(self) -> None:
+        """Every token again, with its logit (samplers sort and cut the array in place)."""
+        self.view["id"] = self.ids
+        self.view["logit"] = self._logits
+        self.view["p"] = 0.0
+        self.array.size, self.array.selected, self.array.sorted = self.n_vocab, -1, False
+
+    def pick(self, chain: Any) -> int:
+        llama_cpp.llama_sampler_apply(chain, self.pointer)
+        return int(self.buffer[self.array.selected].id)
+
+    def pick_allowed(self, chain: Any, grammar: Any, needed: int | None) -> int:
+        """The chain's pick among the tokens the grammar allows.
+
+        The grammar is first asked about the likeliest ``LIKELIEST`` tokens only (a whole
+        vocabulary takes it milliseconds); when ``needed`` of them are allowed, the chain's pick
+        among them is the one it would make among all, as every token left out is less likely.
+        """
+        import numpy as np
+
+        if needed is not None and needed <= LIKELIEST < self.n_vocab:
+            likeliest = np.argpartition(self._logits, -LIKELIEST)[-LIKELIEST:]
+            self.view["id"][:LIKELIEST] = likeliest
+            self.view["logit"][:LIKELIEST] = self._logits[likeliest]
+            self.view["p"][:LIKELIEST] = 0.0
+            self.array.size, self.array.selected, self.array.sorted = LIKELIEST, -1, False
+            llama_cpp.llama_sampler_apply(grammar, self.pointer)
+            if np.isfinite(self.view["logit"][:LIKELIEST]).sum() >= needed:
+                return self.pick(chain)
+        self.reload()
+        llama_cpp.llama_sampler_apply(grammar, self.pointer)
+        return self.pick(chain)
+
+    def allows(self, grammar: Any, token: int) -> bool:
+        self.one[0] = llama_cpp.llama_token_data(token, 0.0, 0.0)
+        self.one_array.size, self.one_array.selected, self.one_array.sorted = 1, -1, False
+        llama_cpp.llama_sampler_apply(grammar, ctypes.byref(self.one_array))
+        return math.isfinite(self.one[0].logit)

@@ -236,7 +236,10 @@ class ModelPool:
                 event.time_to_first_token_s, event.generation_s,
             )  # fmt: skip
         if self.log_store is not None and self._log_writer is not None and event.error is None:
-            self._log_writer.submit(_log_exchange, self.log_store, request, model_name, event)
+            try:
+                self._log_writer.submit(_log_exchange, self.log_store, request, model_name, event)
+            except RuntimeError:  # the server has closed its log: an answer finished after the grace period
+                sys.stderr.write("warning: exchange not logged: the server is stopping\n")
 
     def find_loaded(self, name: str) -> LoadedModel | None:
         text = name.strip()

@@ -71,7 +71,10 @@ class ModelRef:
 
     @property
     def path(self) -> Path:
-        return Path(self.name).expanduser()
+        try:
+            return Path(self.name).expanduser()
+        except RuntimeError:  # "~someone" with no such user: the path as written (which will not exist)
+            return Path(self.name)
 
 
 def parse_ref(text: str) -> ModelRef:

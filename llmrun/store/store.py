@@ -140,7 +140,11 @@ class Store:
 
     def find(self, name: str) -> ModelEntry | None:
         path = self._manifest_path(name)
-        if path.exists():
+        try:
+            exists = path.exists()
+        except OSError:  # a name too long for a file name (a request's model, say) names no stored model
+            exists = False
+        if exists:
             return self._read_manifest(path)
         # Names are case-insensitive when unambiguous (Hub repos are).
         matches = [entry for entry in self.entries() if entry.name.lower() == name.lower()]
