@@ -109,6 +109,21 @@ def check_tools(tools: list[Tool], choice: ToolChoice) -> None:
         raise UsageError(f"tool_choice {choice.mode} needs tools", "give tools, or leave tool_choice out")
 
 
+def check_tool_results(messages: list[dict[str, Any]]) -> None:
+    """Refuse a tool result that names a call no earlier assistant message made (a client's mistake that would
+    otherwise reach the model as a result of nothing)."""
+    made: set[str] = set()
+    for message in messages:
+        for call in message.get("tool_calls") or ():
+            if isinstance(call, dict) and call.get("id"):
+                made.add(str(call["id"]))
+        if message.get("role") == "tool" and "tool_call_id" in message and str(message["tool_call_id"]) not in made:
+            raise UsageError(
+                f"a tool result answers call {message['tool_call_id']!r}, which no earlier assistant message made",
+                "send the assistant message with that call (tool_calls, tool_use, function_call) before its result",
+            )
+
+
 def _check_schema(name: str, schema: dict[str, Any]) -> None:
     import jsonschema
 

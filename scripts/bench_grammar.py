@@ -10,7 +10,9 @@ greedy sampler on both unless --repeat-penalty says otherwise), is sent in three
   * json_schema: `response_format: {"type": "json_schema", "json_schema": {"name": "person",
     "schema": SCHEMA}}`, SCHEMA a nested schema (required fields, string maxLength, an integer
     range, an enum, an array of strings with maxItems, a nested object);
-  * json_object: `response_format: {"type": "json_object"}` (any JSON).
+  * json_object: `response_format: {"type": "json_object"}` (any JSON);
+  * tool_call: `tools` with one function whose parameters are SCHEMA, `tool_choice: "required"`
+    (the tool-call grammar; the call's arguments are what is checked against SCHEMA).
 
 Both servers are started once per model with the same model, threads, context per request
 and prompts, as scripts/bench_serve.py starts them (and with its helpers):
@@ -67,7 +69,7 @@ from fetch_smollm2 import smollm2_path  # noqa: E402
 
 PARALLEL = 4
 N_GEN = 128
-MODES = ("unconstrained", "json_schema", "json_object")
+MODES = ("unconstrained", "json_schema", "json_object", "tool_call")
 SERVERS = ("llmrun", "llama-server")
 RATES = ("tok_s", "decode_tok_s", "aggregate_tok_s")
 TARGET_VS_UNCONSTRAINED = 0.9
@@ -152,6 +154,9 @@ async def stream_chat(client: httpx.AsyncClient, server: Server, mode: str, text
                             "stream_options": {"include_usage": True}}  # fmt: skip
     if (fmt := response_format(mode)) is not None:
         body["response_format"] = fmt
+    if mode == "tool_call":
+        function = {"name": "add_person", "description": "Record a person", "parameters": SCHEMA}
+        body.update(tools=[{"type": "function", "function": function}], tool_choice="required")
     started = time.perf_counter()
     first: float | None = None
     last: float | None = None
@@ -171,7 +176,10 @@ async def stream_chat(client: httpx.AsyncClient, server: Server, mode: str, text
                 usage_tokens = data["usage"].get("completion_tokens")
             for choice in data.get("choices") or []:
                 finish = choice.get("finish_reason") or finish
-                content = (choice.get("delta") or {}).get("content")
+                delta = choice.get("delta") or {}
+                content = delta.get("content") or "".join(
+                    (call.get("function") or {}).get("arguments") or "" for call in delta.get("tool_calls") or []
+                )
                 if content:
                     parts.append(content)
                     chunks += 1
@@ -301,18 +309,19 @@ def report(model: Path, data: dict[str, Any], concurrency: list[int]) -> list[st
     ours = results.get("llmrun", {})
     native = results.get("llama-server", {})
     for c in concurrency:
-        constrained = ours.get(f"json_schema/c{c}")
-        pairs = [("llmrun unconstrained", ours.get(f"unconstrained/c{c}"), TARGET_VS_UNCONSTRAINED),
-                 ("llama-server json_schema", native.get(f"json_schema/c{c}"), TARGET_VS_NATIVE)]  # fmt: skip
-        for label, other, target in pairs:
-            if not constrained or not other:
-                lines.append(f"C={c}: llmrun json_schema / {label}: - (target >= {target:.1f}x)")
-                continue
-            ratio = median_of(constrained, "tok_s") / median_of(other, "tok_s")
-            decode = median_of(constrained, "decode_tok_s") / median_of(other, "decode_tok_s")
-            verdict = "meets" if ratio >= target else "MISSES"
-            lines.append(f"C={c}: llmrun json_schema / {label}: {ratio:.2f}x tok/s ({verdict} the target >= "
-                         f"{target:.1f}x); decode tok/s {decode:.2f}x")  # fmt: skip
+        for mode in ("json_schema", "tool_call"):
+            constrained = ours.get(f"{mode}/c{c}")
+            pairs = [("llmrun unconstrained", ours.get(f"unconstrained/c{c}"), TARGET_VS_UNCONSTRAINED),
+                     (f"llama-server {mode}", native.get(f"{mode}/c{c}"), TARGET_VS_NATIVE)]  # fmt: skip
+            for label, other, target in pairs:
+                if not constrained or not other:
+                    lines.append(f"C={c}: llmrun {mode} / {label}: - (target >= {target:.1f}x)")
+                    continue
+                ratio = median_of(constrained, "tok_s") / median_of(other, "tok_s")
+                decode = median_of(constrained, "decode_tok_s") / median_of(other, "decode_tok_s")
+                verdict = "meets" if ratio >= target else "MISSES"
+                lines.append(f"C={c}: llmrun {mode} / {label}: {ratio:.2f}x tok/s ({verdict} the target >= "
+                             f"{target:.1f}x); decode tok/s {decode:.2f}x")  # fmt: skip
     for note in data["notes"]:
         lines.append(f"note: {note}")
     return lines

@@ -196,6 +196,9 @@ def test_anthropic_stream_event_sequence_on_the_wire(server: Server) -> None:
          400, "invalid_request_error", "Anthropic's own tools"),
         ({"max_tokens": 8, "messages": ASK, "tools": ANTHROPIC_TOOLS, "tool_choice": {"type": "tool", "name": "x"}},
          400, "invalid_request_error", "not among the tools"),
+        ({"max_tokens": 8, "messages": [*ASK, {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "toolu_nope", "content": "18 degrees"}]}]},
+         400, "invalid_request_error", "no earlier assistant message made"),
     ],
 )  # fmt: skip
 def test_anthropic_errors_have_anthropics_shape(
@@ -315,6 +318,8 @@ def test_responses_text_format_and_streamed_text(server: Server) -> None:
         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, 400, "text-only"),
         ({"input": "Hi", "tools": [{"type": "web_search"}]}, 400, "hosted"),
         ({"input": "Hi", "previous_response_id": "resp_nope"}, 404, "no stored response"),
+        ({"input": [{"type": "function_call_output", "call_id": "call_nope", "output": "1"}]}, 400,
+         "no earlier assistant message made"),
         ({"input": "", "model": "smollm2"}, 400, "input is empty"),
         ({"input": "Hi", "model": "no-such-model"}, 404, "llmrun pull"),
     ],

@@ -158,6 +158,8 @@ def test_a_tool_result_fed_back_yields_an_answer(server: Server) -> None:
         ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "cannot be combined"),
         ({"tool_choice": "sometimes"}, "tool_choice"),
         ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "not valid"),
+        ({"messages": [*ASK, {"role": "tool", "tool_call_id": "call_nope", "content": "1"}]},
+         "no earlier assistant message made"),
     ],
 )  # fmt: skip
 def test_bad_tool_requests_get_openai_400s_and_the_server_keeps_serving(

@@ -307,11 +307,12 @@ def prepare(engine: Engine, request: InferenceRequest) -> Prepared:
     """Render and tokenize the prompt, build the grammar, check the context (on a thread, not the event loop)."""
     from llmrun.engine.sampling import check_grammar, json_schema_grammar
     from llmrun.engine.template import template_supports_tools
-    from llmrun.tools import plan, prompt_messages
+    from llmrun.tools import check_tool_results, plan, prompt_messages
 
     tool_plan = None
     reasoning = None
     if request.messages is not None:
+        check_tool_results(request.messages)
         template = engine.model.chat_template
         if request.tools:
             supports = bool(template) and template_supports_tools(template or "")
