@@ -156,7 +156,9 @@ async def stream_chat(client: httpx.AsyncClient, server: Server, mode: str, text
         body["response_format"] = fmt
     if mode == "tool_call":
         function = {"name": "add_person", "description": "Record a person", "parameters": SCHEMA}
-        body.update(tools=[{"type": "function", "function": function}], tool_choice="required")
+        body.update(
+            tools=[{"type": "function", "function": function}], tool_choice="required", parallel_tool_calls=False
+        )  # one call, whose arguments are checked against SCHEMA
     started = time.perf_counter()
     first: float | None = None
     last: float | None = None
@@ -180,9 +182,9 @@ async def stream_chat(client: httpx.AsyncClient, server: Server, mode: str, text
                 content = delta.get("content") or "".join(
                     (call.get("function") or {}).get("arguments") or "" for call in delta.get("tool_calls") or []
                 )
-                if content:
+                if content or delta.get("tool_calls"):  # a call's name, before its arguments, is its first token
                     parts.append(content)
-                    chunks += 1
+                    chunks += 1 if content else 0
                     last = time.perf_counter()
                     if first is None:
                         first = last
