@@ -130,7 +130,7 @@ def _items_to_messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]
             function = {"name": str(item.get("name") or ""), "arguments": item.get("arguments") or "{}"}
             call = {"id": str(item.get("call_id") or ""), "type": "function", "function": function}
             last = messages[-1] if messages else None
-            if last is not None and last["role"] == "assistant" and (last.get("tool_calls") or not last["content"]):
+            if last is not None and last["role"] == "assistant":  # the same turn's text, or calls
                 last.setdefault("tool_calls", []).append(call)
             else:
                 messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
@@ -383,6 +383,7 @@ async def _events(
         async for event in stream:
             if isinstance(event, ReasoningDelta):
                 if thought is None:
+                    thinking.clear()
                     thought = _reasoning_item(f"rs_{uuid.uuid4().hex[:24]}", "", "in_progress")
                     output.append(thought)
                     yield sse("response.output_item.added", {"output_index": len(output) - 1, "item": thought})
@@ -393,6 +394,7 @@ async def _events(
                 for line in [*close_reasoning(), *close_call()]:
                     yield line
                 if message is None:
+                    text.clear()
                     message = _message_item(f"msg_{uuid.uuid4().hex[:24]}", "", "in_progress")
                     output.append(message)
                     index = len(output) - 1
