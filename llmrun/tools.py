@@ -9,6 +9,7 @@ Formats:
   * hermes (Qwen 2.5/3, Hermes, SmolLM3 ...): ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``;
   * llama3 (Llama 3.1-3.3): the whole answer is ``{"name": ..., "parameters": {...}}``;
   * mistral (Nemo and later): ``[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]``;
+  * mistral-v11 (Mistral Small 3.2, Devstral, Magistral, Ministral 3): ``[TOOL_CALLS]name[ARGS]{...}``, once per call;
   * generic, for templates that know nothing of tools: the tools are described in a system
     message and the whole answer is JSON, ``{"tool_calls": [...]}`` or ``{"response": "..."}``.
 
@@ -72,6 +73,7 @@ class ToolFormat(str, Enum):
     HERMES = "hermes"
     LLAMA3 = "llama3"
     MISTRAL = "mistral"
+    MISTRAL_V11 = "mistral-v11"
 
 
 @dataclass(frozen=True)
@@ -142,7 +144,7 @@ def detect_format(template: str | None, template_tools: bool) -> ToolFormat:
     if "<tool_call>" in template:
         return ToolFormat.HERMES
     if "[TOOL_CALLS]" in template:
-        return ToolFormat.MISTRAL
+        return ToolFormat.MISTRAL_V11 if "[ARGS]" in template else ToolFormat.MISTRAL
     if "<|python_tag|>" in template or '"parameters": ' in template or "<|eom_id|>" in template:
         return ToolFormat.LLAMA3
     return ToolFormat.GENERIC
@@ -222,6 +224,8 @@ def _grammar(fmt: ToolFormat, tools: tuple[Tool, ...], forced: bool, parallel: b
         rules = json_schema_rules(_call_schema(tools, "parameters"), "call", compact=True)
         root = 'root ::= "<|python_tag|>"? call' if forced else "root ::= call"
         return f"{root}\n{rules}", () if forced else (r"\s*(\{\s*\"name\"|<\|python_tag\|>)[\s\S]*",)
+    if fmt is ToolFormat.MISTRAL_V11:
+        return _v11_grammar(tools, parallel), () if forced else (r"[\s\S]*?(\[TOOL_CALLS\])[\s\S]*",)
     rules = json_schema_rules(_call_schema(tools, "arguments"), "call", compact=True)
     if fmt is ToolFormat.MISTRAL:
         more = '("," space call)*' if parallel else ""
@@ -230,6 +234,24 @@ def _grammar(fmt: ToolFormat, tools: tuple[Tool, ...], forced: bool, parallel: b
     block = 'tool-call ::= "<tool_call>" "\\n"? call "\\n"? "</tool_call>"'
     root = 'root ::= tool-call ("\\n"? tool-call)*' if parallel else "root ::= tool-call"
     return f"{root}\n{block}\n{rules}", () if forced else (r"[\s\S]*?(<tool_call>)[\s\S]*",)
+
+
+def _v11_grammar(tools: tuple[Tool, ...], parallel: bool) -> str:
+    """``[TOOL_CALLS]name[ARGS]{...}``: the name sits outside the JSON, so each tool gets its own arguments rule."""
+    from llmrun.engine.sampling import json_schema_rules
+
+    rules: dict[str, str] = {}
+    choices = []
+    for number, tool in enumerate(tools):
+        for line in json_schema_rules(grammar_schema(tool.parameters), f"args{number}", compact=True).splitlines():
+            name, _, body = line.partition(" ::= ")
+            if name in rules and rules[name] != body:  # rules are named by path under args<N>; the rest are shared
+                raise UsageError(f"the grammar for tool {tool.name!r} clashes with another's", "rename the tool")
+            rules[name] = body
+        choices.append(f'{json.dumps(tool.name)} "[ARGS]" args{number}')
+    root = "root ::= call+" if parallel else "root ::= call"
+    call = 'call ::= "[TOOL_CALLS]" (' + " | ".join(choices) + ")"
+    return "\n".join([root, call, *(f"{name} ::= {body}" for name, body in rules.items())])
 
 
 def system_prompt(plan: ToolPlan, choice: ToolChoice) -> str:
@@ -247,7 +269,7 @@ def system_prompt(plan: ToolPlan, choice: ToolChoice) -> str:
 
 
 def new_call_id(fmt: ToolFormat) -> str:
-    if fmt is ToolFormat.MISTRAL:  # Mistral's templates require 9 letters and digits
+    if fmt in (ToolFormat.MISTRAL, ToolFormat.MISTRAL_V11):  # Mistral's templates require 9 letters and digits
         return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(9))
     return f"call_{secrets.token_hex(12)}"
 
@@ -324,7 +346,11 @@ class ArgumentsPiece:
 
 Piece = ContentPiece | CallStart | ArgumentsPiece
 
-_MARKERS = {ToolFormat.HERMES: "<tool_call>", ToolFormat.MISTRAL: "[TOOL_CALLS]"}
+_MARKERS = {
+    ToolFormat.HERMES: "<tool_call>", ToolFormat.MISTRAL: "[TOOL_CALLS]", ToolFormat.MISTRAL_V11: "[TOOL_CALLS]"
+}  # fmt: skip
+_V11_ARGS = "[ARGS]"
+
 _HERMES_CLOSE = "</tool_call>"
 
 
@@ -355,6 +381,7 @@ class ToolCallParser:
         self._call_base = 0  # index of the scanner's first call
         self._closing = False  # hermes: a call object is complete, "</tool_call>" is due
         self._response_sent = 0  # generic: characters of the response string given out
+        self._naming = False  # mistral-v11: reading a call's name, up to "[ARGS]"
 
     @property
     def tool_calls(self) -> list[ToolCall]:
@@ -364,14 +391,16 @@ class ToolCallParser:
         self.text += text
         pieces: list[Piece] = []
         while self._position < len(self.text) and not self.failed:
-            before = (self._position, self._scanner, self._closing)
+            before = (self._position, self._scanner, self._closing, self._naming)
             if self._closing:
                 self._read_close()
+            elif self._naming:
+                self._read_name()
             elif self._scanner is not None:
                 self._read_json(pieces)
             else:
                 self._read_content(pieces)
-            if (self._position, self._scanner, self._closing) == before:
+            if (self._position, self._scanner, self._closing, self._naming) == before:
                 break  # waiting for more text
         if self.failed:
             self._emit_content(pieces, self.text[self._position :])
@@ -387,7 +416,7 @@ class ToolCallParser:
                 self._scanner = None
         if self.fmt is ToolFormat.GENERIC and not self.calls and not self.failed:
             return pieces  # an answer (perhaps cut short): its text has been given out
-        unfinished = self._scanner is not None or self._closing
+        unfinished = self._scanner is not None or self._closing or self._naming
         if self.failed or unfinished or not self._valid_calls():
             if not self.failed:
                 self.failed = True
@@ -437,7 +466,10 @@ class ToolCallParser:
             start = self._position
             self._emit_content(pieces, rest[:found].rstrip())  # the space before a call is not answer text
             self._marker_start = start + found
-            self._start_json(start + found + len(marker))
+            if self.fmt is ToolFormat.MISTRAL_V11:
+                self._position, self._naming = start + found + len(marker), True
+            else:
+                self._start_json(start + found + len(marker))
         else:
             # Hold back what may be the start of the marker, and trailing space (it may precede one).
             self._emit_content(pieces, rest[: len(rest) - _partial_suffix(rest, marker)].rstrip())
@@ -464,6 +496,26 @@ class ToolCallParser:
         else:
             self._position = len(self.text)
 
+    def _read_name(self) -> None:
+        """mistral-v11: the call's name, then its arguments' JSON after "[ARGS]"."""
+        rest = self.text[self._position :]
+        end = rest.find(_V11_ARGS)
+        if end < 0:
+            if len(rest) > 256 or any(char.isspace() for char in rest.strip()):
+                self.failed, self._naming = True, False
+                self._position = self._marker_start
+            return
+        name = rest[:end].strip()
+        if not name or not all(char.isalnum() or char in "_-." for char in name):
+            self.failed, self._naming = True, False
+            self._position = self._marker_start
+            return
+        index = len(self.calls)
+        self._call(index).name = name
+        self._naming = False
+        self._start_json(self._position + end + len(_V11_ARGS))
+        self._call_base = index
+
     def _read_close(self) -> None:
         rest = self.text[self._position :]
         stripped = rest.lstrip()
@@ -488,6 +540,8 @@ class ToolCallParser:
         elif self.fmt is ToolFormat.MISTRAL:
             if len(path) == 2 and isinstance(path[0], int):
                 return self._call_base + path[0], str(path[1])
+        elif self.fmt is ToolFormat.MISTRAL_V11:
+            return (self._call_base, "arguments") if path == () else None
         elif len(path) == 1:
             return self._call_base, str(path[0])
         return None

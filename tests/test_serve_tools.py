@@ -43,12 +43,22 @@ Return calls as <tool_call>{"name": ..., "arguments": ...}</tool_call><|im_end|>
 {% endif %}"""
 
 
+# Mistral Small 3.2 / Devstral's way (v11 tokenizer): each call as [TOOL_CALLS]name[ARGS]{arguments}.
+MISTRAL_V11_TEMPLATE = """{%- if tools %}[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}\
+{%- for message in messages %}{% if message.role == 'user' %}[INST]{{ message.content }}[/INST]\
+{% elif message.tool_calls %}{% for call in message.tool_calls %}[TOOL_CALLS]{{ call.function.name }}[ARGS]\
+{{ call.function.arguments | tojson }}{% endfor %}</s>{% elif message.role == 'tool' %}[TOOL_RESULTS]\
+{{ message.content }}[/TOOL_RESULTS]{% else %}{{ message.content }}</s>{% endif %}{% endfor %}"""
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, smollm2: Path) -> Iterator[Server]:
     cli = Cli(tmp_path_factory.mktemp("tools-home"))
     hermes = write_model(tmp_path_factory.mktemp("models") / "hermes-tiny.gguf", chat_template=HERMES_TEMPLATE)
     assert cli("import", str(smollm2), "--name", "smollm2", "--link").returncode == 0
     assert cli("import", str(hermes), "--name", "hermes-tiny").returncode == 0
+    mistral = write_model(tmp_path_factory.mktemp("models") / "mistral-tiny.gguf", chat_template=MISTRAL_V11_TEMPLATE)
+    assert cli("import", str(mistral), "--name", "mistral-tiny").returncode == 0
     running = Server(cli, "hermes-tiny", "--parallel", "2", "--ctx", "2048", "--no-log")
     yield running
     running.stop()
@@ -62,14 +72,14 @@ def check_call(call: object) -> dict[str, object]:
     return {"name": function.name, "arguments": arguments}
 
 
-@pytest.mark.parametrize("model", ["smollm2", "hermes-tiny"])
+@pytest.mark.parametrize("model", ["smollm2", "hermes-tiny", "mistral-tiny"])
 @pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_forecast"}}])
 def test_forced_calls_parse_and_match_their_schema_streamed_or_not(server: Server, model: str, choice: object) -> None:
     client = server.openai(timeout=120)
     # The synthetic model's text is noise (its strings are bytes that need not be UTF-8): one call at a time, of
     # the tool without strings, with room for its byte-sized tokens.
     options = {"max_tokens": 120, "tools": TOOLS}
-    if model == "hermes-tiny":
+    if model != "smollm2":
         options = {"max_tokens": 400, "parallel_tool_calls": False, "tools": TOOLS[1:]}
     answer = client.chat.completions.create(
         model=model,

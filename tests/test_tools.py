@@ -78,6 +78,12 @@ RECORDED = {
         "",
         [("get_weather", {"location": "Rome"}), ("add", {"a": 5, "b": 6})],
     ),
+    "mistral v11 calls after text": (
+        ToolFormat.MISTRAL_V11,
+        'Let me look.[TOOL_CALLS]get_weather[ARGS]{"location": "Rome"}[TOOL_CALLS]add[ARGS]{"a": 5, "b": 6}',
+        "Let me look.",
+        [("get_weather", {"location": "Rome"}), ("add", {"a": 5, "b": 6})],
+    ),
     "generic call": (
         ToolFormat.GENERIC,
         '{"tool_calls": [{"name": "get_weather", "arguments": {"location": "Caf\\u00e9 \\"Z\\""}}]}',
@@ -133,6 +139,9 @@ def test_recorded_outputs_parse_the_same_in_any_cut(case: str) -> None:
         (ToolFormat.HERMES, "<tool_call>\nnot json at all\n</tool_call>"),
         (ToolFormat.HERMES, '<tool_call>\n{"name": "add", "arguments": [1, 2]}\n</tool_call>'),
         (ToolFormat.MISTRAL, '[TOOL_CALLS][{"name": "add", "arguments": {"a": 1}'),
+        (ToolFormat.MISTRAL_V11, '[TOOL_CALLS]add[ARGS]{"a": 1'),
+        (ToolFormat.MISTRAL_V11, "[TOOL_CALLS]not a name, just words"),
+        (ToolFormat.MISTRAL_V11, '[TOOL_CALLS]add[ARGS]{"a": 1, "b": 2}[TOOL_CALLS]nope[ARGS]{}'),
         (ToolFormat.LLAMA3, '{"name": "get_weather", "parameters": {"location": }}'),
         (
             ToolFormat.HERMES,
@@ -183,6 +192,7 @@ def test_grammars_for_each_format_are_accepted_by_llama_cpp(tiny_model: object) 
     try:
         for fmt in ToolFormat:
             template = {ToolFormat.HERMES: "<tool_call>{{ tools }}", ToolFormat.MISTRAL: "[TOOL_CALLS]{{ tools }}",
+                        ToolFormat.MISTRAL_V11: "[TOOL_CALLS]{{ tools }}[ARGS]",
                         ToolFormat.LLAMA3: "<|python_tag|>{{ tools }}", ToolFormat.GENERIC: None}[fmt]  # fmt: skip
             for choice in (ToolChoice("auto"), ToolChoice("required"), ToolChoice("function", "add")):
                 for parallel in (True, False):
