@@ -64,7 +64,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import bench_serve  # noqa: E402
 from bench_run import synthetic_model  # noqa: E402
-from bench_serve import Server, _percentile, servers_for  # noqa: E402
+from bench_serve import Server, _percentile, median_of, servers_for, started  # noqa: E402
 from fetch_smollm2 import smollm2_path  # noqa: E402
 
 PARALLEL = 4
@@ -251,14 +251,7 @@ def bench_model(model: Path, args: argparse.Namespace, bin_dir: Path | None) -> 
     bench_serve.PARALLEL = PARALLEL  # servers_for reads it: --parallel 4 for llmrun, --parallel 4 -c 4*ctx natively
     with tempfile.TemporaryDirectory() as home_dir:
         servers = servers_for(model, args.threads, args.ctx, bin_dir or Path("/nonexistent"), Path(home_dir), skip)
-        running = []
-        try:
-            for server in servers:
-                try:
-                    server.start()
-                    running.append(server)
-                except RuntimeError as error:
-                    notes.append(f"{server.name}: {str(error).splitlines()[0]}")
+        with started(servers, notes) as running:
             for round_index in range(args.rounds):
                 for concurrency in args.concurrency:
                     for mode in MODES:
@@ -276,14 +269,7 @@ def bench_model(model: Path, args: argparse.Namespace, bin_dir: Path | None) -> 
                             results.setdefault(server.name, {}).setdefault(key, []).append(outcome)
                             print(f"  round {round_index + 1} {server.name:<12} {mode:<13} C={concurrency:<2} "
                                   + summary(outcome), flush=True)  # fmt: skip
-        finally:
-            for server in servers:
-                server.stop()
     return {"results": results, "notes": notes}
-
-
-def median_of(entries: list[dict[str, Any]], key: str) -> float:
-    return statistics.median(float(entry[key]) for entry in entries)
 
 
 def report(model: Path, data: dict[str, Any], concurrency: list[int]) -> list[str]:

@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -280,6 +281,23 @@ def servers_for(model: Path, threads: int, ctx: int, bin_dir: Path, home: Path, 
     return [server for server in servers if server.name not in skip]
 
 
+@contextlib.contextmanager
+def started(servers: list[Server], notes: list[str]) -> Iterator[list[Server]]:
+    """Start every server (one that cannot start becomes a note); yield those running; stop them all after."""
+    running = []
+    try:
+        for server in servers:
+            try:
+                server.start()
+                running.append(server)
+            except RuntimeError as error:
+                notes.append(f"{server.name}: {str(error).splitlines()[0]}")
+        yield running
+    finally:
+        for server in servers:
+            server.stop()
+
+
 def bench_model(model: Path, args: argparse.Namespace, bin_dir: Path) -> dict[str, Any]:
     """All servers up at once (idle ones use no CPU); each measurement runs on one server after the other."""
     results: dict[str, dict[str, list[Any]]] = {}
@@ -287,14 +305,7 @@ def bench_model(model: Path, args: argparse.Namespace, bin_dir: Path) -> dict[st
     n_rules = shared_rules_for(model)
     with tempfile.TemporaryDirectory() as home_dir:
         servers = servers_for(model, args.threads, args.ctx, bin_dir, Path(home_dir), set(args.skip))
-        running = []
-        try:
-            for server in servers:
-                try:
-                    server.start()
-                    running.append(server)
-                except RuntimeError as error:
-                    notes.append(f"{server.name}: {str(error).splitlines()[0]}")
+        with started(servers, notes) as running:
             for round_index in range(args.rounds):
                 for concurrency in args.concurrency:
                     for server in running:
@@ -313,14 +324,11 @@ def bench_model(model: Path, args: argparse.Namespace, bin_dir: Path) -> dict[st
             for server in running:
                 results[server.name]["rss_mb"] = [server.rss_mb()]
                 results[server.name]["idle_cpu"] = [idle_cpu_percent(server)]
-        finally:
-            for server in servers:
-                server.stop()
     return {"results": results, "notes": notes}
 
 
-def median_of(entries: list[dict[str, float]], key: str) -> float:
-    return statistics.median(entry[key] for entry in entries)
+def median_of(entries: list[dict[str, Any]], key: str) -> float:
+    return statistics.median(float(entry[key]) for entry in entries)
 
 
 def report(model: Path, data: dict[str, Any], concurrency: list[int], shared_tokens: int) -> list[str]:
@@ -347,8 +355,9 @@ def report(model: Path, data: dict[str, Any], concurrency: list[int], shared_tok
         lines.append(f"\n8 fresh clients sharing a {shared_tokens}-token system prompt, TTFT p50 / p95 (s): "
                      + ", ".join(shared))  # fmt: skip
         if "llama-server" in results:
-            ratio = median_of(ours["shared"], "ttft_p50") / median_of(results["llama-server"]["shared"], "ttft_p50")
-            lines.append(f"llmrun / llama-server TTFT p50: {ratio:.2f}x")
+            native_ttft = median_of(results["llama-server"]["shared"], "ttft_p50")
+            shared_ratio = median_of(ours["shared"], "ttft_p50") / native_ttft
+            lines.append(f"llmrun / llama-server TTFT p50: {shared_ratio:.2f}x")
     rss = [f"{name} {statistics.median(results[name]['rss_mb']):.0f}" for name in names if results[name].get("rss_mb")]
     idle = [f"{name} {statistics.median(results[name]['idle_cpu']):.1f}" for name in names
             if results[name].get("idle_cpu")]  # fmt: skip
