@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from llmrun.errors import UsageError
 from llmrun.server.inference import (
@@ -31,47 +31,41 @@ from llmrun.server.inference import (
 )
 from llmrun.server.pool import parse_keep_alive
 from llmrun.server.sampling import sampling_from
-from llmrun.server.transport import EventStream, unless_disconnected
+from llmrun.server.transport import SSE_HEADERS, EventStream, Lenient, unless_disconnected
 from llmrun.tools import NO_PARAMETERS, Tool, ToolChoice
 
 router = APIRouter(prefix="/v1/messages")
 
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
-
-class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-
-class ToolDefinition(_Lenient):
+class ToolDefinition(Lenient):
     name: str = Field(min_length=1)
     description: str | None = None
     input_schema: dict[str, Any] | None = None
     type: str | None = None  # "custom", or one of Anthropic's own tools (refused)
 
 
-class ToolChoiceBody(_Lenient):
+class ToolChoiceBody(Lenient):
     type: Literal["auto", "any", "tool", "none"]
     name: str | None = None
     disable_parallel_tool_use: bool = False
 
 
-class OutputFormat(_Lenient):
+class OutputFormat(Lenient):
     type: Literal["json_schema"]
     schema_: dict[str, Any] = Field(alias="schema")
 
 
-class OutputConfig(_Lenient):
+class OutputConfig(Lenient):
     format: OutputFormat | None = None  # structured output: the answer is JSON matching the schema
     effort: str | None = None  # accepted, and left to the model
 
 
-class Message(_Lenient):
+class Message(Lenient):
     role: Literal["user", "assistant"]
     content: str | list[dict[str, Any]]
 
 
-class CountTokensRequest(_Lenient):
+class CountTokensRequest(Lenient):
     model: str
     messages: list[Message] = Field(min_length=1)
     system: str | list[dict[str, Any]] | None = None

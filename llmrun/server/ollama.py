@@ -14,25 +14,21 @@ from datetime import datetime, timezone
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from llmrun import __version__
 from llmrun.errors import LlmrunError, ModelNotFound, UsageError
 from llmrun.server.inference import Finished, InferenceRequest, ReasoningDelta, Stream, TextDelta, embed, start
 from llmrun.server.pool import LoadedModel, parse_keep_alive
 from llmrun.server.sampling import sampling_from
-from llmrun.server.transport import EventStream, unless_disconnected
+from llmrun.server.transport import EventStream, Lenient, unless_disconnected
 from llmrun.tools import NO_PARAMETERS, Tool, ToolCall
 
 router = APIRouter(prefix="/api")
 NDJSON = "application/x-ndjson"
 
 
-class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-
-class Options(_Lenient):
+class Options(Lenient):
     temperature: float | None = Field(default=None, ge=0)
     top_k: int | None = Field(default=None, ge=0)
     top_p: float | None = Field(default=None, ge=0, le=1)
@@ -48,28 +44,28 @@ class Options(_Lenient):
     ignore_eos: bool = False  # llmrun's (and llama-server's): generate num_predict tokens, for load tests
 
 
-class FunctionDefinition(_Lenient):
+class FunctionDefinition(Lenient):
     name: str = Field(min_length=1)
     description: str | None = None
     parameters: dict[str, Any] | None = None
 
 
-class ToolDefinition(_Lenient):
+class ToolDefinition(Lenient):
     type: str = "function"
     function: FunctionDefinition
 
 
-class ToolCallFunction(_Lenient):
+class ToolCallFunction(Lenient):
     name: str
     arguments: dict[str, Any] | str = Field(default_factory=dict)
 
 
-class MessageToolCall(_Lenient):
+class MessageToolCall(Lenient):
     id: str | None = None
     function: ToolCallFunction
 
 
-class ChatMessage(_Lenient):
+class ChatMessage(Lenient):
     role: str
     content: str | None = ""
     images: list[str] | None = None
@@ -77,7 +73,7 @@ class ChatMessage(_Lenient):
     tool_name: str | None = None  # a tool result's tool
 
 
-class _Generation(_Lenient):
+class _Generation(Lenient):
     model: str
     stream: bool = True
     format: str | dict[str, Any] | None = None
@@ -100,19 +96,19 @@ class GenerateRequest(_Generation):
     suffix: str | None = None
 
 
-class EmbedRequest(_Lenient):
+class EmbedRequest(Lenient):
     model: str
     input: str | list[str] = ""
     keep_alive: str | float | int | None = None
     truncate: bool = True
 
 
-class LegacyEmbeddingsRequest(_Lenient):
+class LegacyEmbeddingsRequest(Lenient):
     model: str
     prompt: str = ""
 
 
-class ModelRequest(_Lenient):
+class ModelRequest(Lenient):
     model: str | None = None
     name: str | None = None  # older clients send ``name``
 

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from llmrun.errors import LlmrunError, UsageError
 from llmrun.server.inference import (
@@ -32,23 +32,17 @@ from llmrun.server.inference import (
     start,
 )
 from llmrun.server.sampling import sampling_from
-from llmrun.server.transport import EventStream, unless_disconnected
+from llmrun.server.transport import SSE_HEADERS, EventStream, Lenient, unless_disconnected
 from llmrun.tools import NO_PARAMETERS, Tool, ToolChoice
 
 router = APIRouter(prefix="/v1/responses")
-
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 class ResponseNotFound(LlmrunError):
     http_status = 404
 
 
-class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-
-class FunctionTool(_Lenient):
+class FunctionTool(Lenient):
     type: str = "function"
     name: str = ""
     description: str | None = None
@@ -56,23 +50,23 @@ class FunctionTool(_Lenient):
     strict: bool | None = None
 
 
-class NamedToolChoice(_Lenient):
+class NamedToolChoice(Lenient):
     type: Literal["function"]
     name: str
 
 
-class TextFormat(_Lenient):
+class TextFormat(Lenient):
     type: Literal["text", "json_object", "json_schema"] = "text"
     name: str | None = None
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
     strict: bool | None = None
 
 
-class TextOptions(_Lenient):
+class TextOptions(Lenient):
     format: TextFormat | None = None
 
 
-class ResponsesRequest(_Lenient):
+class ResponsesRequest(Lenient):
     model: str
     input: str | list[dict[str, Any]] = ""
     instructions: str | None = None

@@ -13,11 +13,19 @@ from typing import Any, TypeVar
 
 from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict
 from starlette.types import Receive, Scope, Send
 
 T = TypeVar("T")
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the answer
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class Lenient(BaseModel):
+    """A request body part that ignores fields it does not know, as the APIs llmrun speaks do."""
+
+    model_config = ConfigDict(extra="allow")
 
 
 class EventStream(StreamingResponse):
