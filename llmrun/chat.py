@@ -13,7 +13,7 @@ from pathlib import Path
 from llmrun.engine import Engine, Generation, GenerationRequest, GenerationResult, SamplingParams
 from llmrun.errors import UsageError
 from llmrun.logs import Exchange, LogStore
-from llmrun.reasoning import CONTENT, REASONING, ReasoningSplitter, opened_in_prompt, thinks
+from llmrun.reasoning import CONTENT, REASONING, Splitter, reasoning_format
 
 # Room kept for the answer when deciding whether old turns must go.
 ANSWER_RESERVE_TOKENS = 512
@@ -42,7 +42,7 @@ class PendingReply:
     user_text: str
     generation: Generation
     dropped_turns: int
-    splitter: ReasoningSplitter | None = None  # a reasoning model's: its thinking apart from its answer
+    splitter: Splitter | None = None  # a reasoning model's: its thinking apart from its answer
     answer: list[str] = field(default_factory=list)
     thinking: list[str] = field(default_factory=list)
 
@@ -116,8 +116,8 @@ class ChatSession:
         prompt, dropped = self._fit(text)
         request = GenerationRequest(tuple(prompt), self.sampling, self.max_tokens, self.stop)
         splitter = None
-        if thinks(self.engine.model.chat_template):
-            splitter = ReasoningSplitter(opened_in_prompt(self.engine.chat_text(self.messages(text)).text))
+        if (fmt := reasoning_format(self.engine.model.chat_template)) is not None:
+            splitter = fmt.splitter(fmt.opened_in_prompt(self.engine.chat_text(self.messages(text)).text))
         return PendingReply(text, self.engine.generate(request), dropped, splitter)
 
     def finish(self, reply: PendingReply) -> GenerationResult:

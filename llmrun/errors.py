@@ -26,10 +26,11 @@ class LlmrunError(Exception):
     exit_code: ExitCode = ExitCode.RUNTIME_ERROR
     http_status: int = 500
 
-    def __init__(self, message: str, hint: str | None = None) -> None:
+    def __init__(self, message: str, hint: str | None = None, *, param: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.hint = hint
+        self.param = param  # the request field at fault, where a server names it (OpenAI's error.param)
 
     def __str__(self) -> str:
         return f"{self.message}; {self.hint}" if self.hint else self.message

@@ -74,6 +74,7 @@ class ToolFormat(str, Enum):
     LLAMA3 = "llama3"
     MISTRAL = "mistral"
     MISTRAL_V11 = "mistral-v11"
+    HARMONY = "harmony"  # gpt-oss
 
 
 @dataclass(frozen=True)
@@ -97,18 +98,30 @@ def check_tools(tools: list[Tool], choice: ToolChoice) -> None:
     names = [tool.name for tool in tools]
     for tool in tools:
         if not tool.name or not all(char.isalnum() or char in "_-." for char in tool.name):
-            raise UsageError(f"tool name {tool.name!r} is not valid", "use letters, digits, _ - and . only")
+            raise UsageError(
+                f"tool name {tool.name!r} is not valid", "use letters, digits, _ - and . only", param="tools"
+            )
         if not isinstance(tool.parameters, dict):
-            raise UsageError(f"the parameters of tool {tool.name!r} are not a JSON schema object", "give an object")
+            raise UsageError(
+                f"the parameters of tool {tool.name!r} are not a JSON schema object", "give an object", param="tools"
+            )
         _check_schema(tool.name, tool.parameters)
     if len(set(names)) != len(names):
-        raise UsageError("two tools have the same name", "give each tool its own name")
+        raise UsageError("two tools have the same name", "give each tool its own name", param="tools")
     if choice.mode not in ("auto", "none", "required", "function"):
-        raise UsageError(f"tool_choice {choice.mode!r} is not known", "use auto, none, required or a function")
+        raise UsageError(
+            f"tool_choice {choice.mode!r} is not known", "use auto, none, required or a function", param="tool_choice"
+        )
     if choice.mode == "function" and choice.name not in names:
-        raise UsageError(f"tool_choice names {choice.name!r}, which is not among the tools", "name one of the tools")
+        raise UsageError(
+            f"tool_choice names {choice.name!r}, which is not among the tools",
+            "name one of the tools",
+            param="tool_choice",
+        )
     if choice.mode in ("required", "function") and not tools:
-        raise UsageError(f"tool_choice {choice.mode} needs tools", "give tools, or leave tool_choice out")
+        raise UsageError(
+            f"tool_choice {choice.mode} needs tools", "give tools, or leave tool_choice out", param="tool_choice"
+        )
 
 
 def check_tool_results(messages: list[dict[str, Any]]) -> None:
@@ -123,6 +136,7 @@ def check_tool_results(messages: list[dict[str, Any]]) -> None:
             raise UsageError(
                 f"a tool result answers call {message['tool_call_id']!r}, which no earlier assistant message made",
                 "send the assistant message with that call (tool_calls, tool_use, function_call) before its result",
+                param="messages",
             )
 
 
@@ -133,7 +147,9 @@ def _check_schema(name: str, schema: dict[str, Any]) -> None:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as error:
         raise UsageError(
-            f"the parameters of tool {name!r} are not a valid JSON schema: {error.message}", "fix the schema"
+            f"the parameters of tool {name!r} are not a valid JSON schema: {error.message}",
+            "fix the schema",
+            param="tools",
         ) from None
 
 
@@ -141,6 +157,8 @@ def detect_format(template: str | None, template_tools: bool) -> ToolFormat:
     """The call format a model was trained on, read off its chat template."""
     if not template or not template_tools:
         return ToolFormat.GENERIC
+    if "<|channel|>commentary" in template and "functions." in template:
+        return ToolFormat.HARMONY
     if "<tool_call>" in template:
         return ToolFormat.HERMES
     if "[TOOL_CALLS]" in template:
@@ -225,7 +243,22 @@ def _grammar(fmt: ToolFormat, tools: tuple[Tool, ...], forced: bool, parallel: b
         root = 'root ::= "<|python_tag|>"? call' if forced else "root ::= call"
         return f"{root}\n{rules}", () if forced else (r"\s*(\{\s*\"name\"|<\|python_tag\|>)[\s\S]*",)
     if fmt is ToolFormat.MISTRAL_V11:
-        return _v11_grammar(tools, parallel), () if forced else (r"[\s\S]*?(\[TOOL_CALLS\])[\s\S]*",)
+        named, choices = _named_arguments(tools, '"[ARGS]"')
+        call = 'call ::= "[TOOL_CALLS]" (' + " | ".join(choices) + ")"
+        root = "root ::= call+" if parallel else "root ::= call"
+        return "\n".join([root, call, *named]), () if forced else (r"[\s\S]*?(\[TOOL_CALLS\])[\s\S]*",)
+    if fmt is ToolFormat.HARMONY:
+        # One call a message, ended by <|call|> (an end-of-generation token): never parallel. Forced, the
+        # message is written whole; else a call starts where the model addresses a function.
+        named, choices = _named_arguments(tools, "header")
+        # What models write between the name and the arguments: " <|constrain|>json", or the channel when the
+        # name came first ("<|channel|>commentary json").
+        header = 'header ::= " "? ("<|channel|>commentary" " json"?)? " "? ("<|constrain|>" [a-z]{1,12})? "<|message|>"'
+        if forced:
+            header = 'header ::= " <|constrain|>json<|message|>"'
+        root = 'root ::= "<|channel|>commentary to=functions." call' if forced else 'root ::= "to=functions." call'
+        call = "call ::= " + " | ".join(choices)
+        return "\n".join([root, call, header, *named]), () if forced else (r"[\s\S]*?(to=functions\.)[\s\S]*",)
     rules = json_schema_rules(_call_schema(tools, "arguments"), "call", compact=True)
     if fmt is ToolFormat.MISTRAL:
         more = '("," space call)*' if parallel else ""
@@ -236,8 +269,9 @@ def _grammar(fmt: ToolFormat, tools: tuple[Tool, ...], forced: bool, parallel: b
     return f"{root}\n{block}\n{rules}", () if forced else (r"[\s\S]*?(<tool_call>)[\s\S]*",)
 
 
-def _v11_grammar(tools: tuple[Tool, ...], parallel: bool) -> str:
-    """``[TOOL_CALLS]name[ARGS]{...}``: the name sits outside the JSON, so each tool gets its own arguments rule."""
+def _named_arguments(tools: tuple[Tool, ...], between: str) -> tuple[list[str], list[str]]:
+    """For formats that write a call's name outside its JSON (``name`` ``between`` ``{arguments}``): the rules
+    of each tool's arguments (``args<N>``), and one choice per tool."""
     from llmrun.engine.sampling import json_schema_rules
 
     rules: dict[str, str] = {}
@@ -248,10 +282,8 @@ def _v11_grammar(tools: tuple[Tool, ...], parallel: bool) -> str:
             if name in rules and rules[name] != body:  # rules are named by path under args<N>; the rest are shared
                 raise UsageError(f"the grammar for tool {tool.name!r} clashes with another's", "rename the tool")
             rules[name] = body
-        choices.append(f'{json.dumps(tool.name)} "[ARGS]" args{number}')
-    root = "root ::= call+" if parallel else "root ::= call"
-    call = 'call ::= "[TOOL_CALLS]" (' + " | ".join(choices) + ")"
-    return "\n".join([root, call, *(f"{name} ::= {body}" for name, body in rules.items())])
+        choices.append(f"{json.dumps(tool.name)} {between} args{number}")
+    return [f"{name} ::= {body}" for name, body in rules.items()], choices
 
 
 def system_prompt(plan: ToolPlan, choice: ToolChoice) -> str:
@@ -278,7 +310,8 @@ def new_call_id(fmt: ToolFormat) -> str:
 
 
 def prompt_messages(messages: list[dict[str, Any]], plan: ToolPlan | None, choice: ToolChoice) -> list[dict[str, Any]]:
-    """Messages ready for the chat template: call arguments as objects, tool results tied to their calls.
+    """Messages ready for the chat template: call arguments as objects, tool results tied to their calls, an
+    assistant turn's thinking as ``reasoning_content`` (Qwen3's templates) and ``thinking`` (gpt-oss's).
 
     With a template that does not render tools, the tools are described in a system message
     and past calls and results are written the way the generic format asks for them.
@@ -288,6 +321,8 @@ def prompt_messages(messages: list[dict[str, Any]], plan: ToolPlan | None, choic
     generic = plan is not None and not plan.template_tools
     for message in messages:
         message = dict(message)
+        if message.get("reasoning_content") and "thinking" not in message:
+            message["thinking"] = message["reasoning_content"]  # gpt-oss's template reads it there
         calls = message.get("tool_calls")
         if calls:
             message["tool_calls"] = [_template_call(call) for call in calls]
@@ -347,9 +382,11 @@ class ArgumentsPiece:
 Piece = ContentPiece | CallStart | ArgumentsPiece
 
 _MARKERS = {
-    ToolFormat.HERMES: "<tool_call>", ToolFormat.MISTRAL: "[TOOL_CALLS]", ToolFormat.MISTRAL_V11: "[TOOL_CALLS]"
+    ToolFormat.HERMES: "<tool_call>", ToolFormat.MISTRAL: "[TOOL_CALLS]", ToolFormat.MISTRAL_V11: "[TOOL_CALLS]",
+    ToolFormat.HARMONY: "to=functions.",  # as reasoning.HarmonySplitter passes a call on: to=functions.NAME<|message|>
 }  # fmt: skip
-_V11_ARGS = "[ARGS]"
+# Formats that write the name before the arguments' JSON, and what separates them.
+_ARGUMENTS_AFTER_NAME = {ToolFormat.MISTRAL_V11: "[ARGS]", ToolFormat.HARMONY: "<|message|>"}
 
 _HERMES_CLOSE = "</tool_call>"
 
@@ -381,7 +418,7 @@ class ToolCallParser:
         self._call_base = 0  # index of the scanner's first call
         self._closing = False  # hermes: a call object is complete, "</tool_call>" is due
         self._response_sent = 0  # generic: characters of the response string given out
-        self._naming = False  # mistral-v11: reading a call's name, up to "[ARGS]"
+        self._naming = False  # mistral-v11, harmony: reading a call's name, up to "[ARGS]" or "<|message|>"
 
     @property
     def tool_calls(self) -> list[ToolCall]:
@@ -466,7 +503,7 @@ class ToolCallParser:
             start = self._position
             self._emit_content(pieces, rest[:found].rstrip())  # the space before a call is not answer text
             self._marker_start = start + found
-            if self.fmt is ToolFormat.MISTRAL_V11:
+            if self.fmt in _ARGUMENTS_AFTER_NAME:
                 self._position, self._naming = start + found + len(marker), True
             else:
                 self._start_json(start + found + len(marker))
@@ -497,9 +534,10 @@ class ToolCallParser:
             self._position = len(self.text)
 
     def _read_name(self) -> None:
-        """mistral-v11: the call's name, then its arguments' JSON after "[ARGS]"."""
+        """mistral-v11 and harmony: the call's name, then its arguments' JSON after "[ARGS]" or "<|message|>"."""
         rest = self.text[self._position :]
-        end = rest.find(_V11_ARGS)
+        separator = _ARGUMENTS_AFTER_NAME[self.fmt]
+        end = rest.find(separator)
         if end < 0:
             if len(rest) > 256 or any(char.isspace() for char in rest.strip()):
                 self.failed, self._naming = True, False
@@ -513,7 +551,7 @@ class ToolCallParser:
         index = len(self.calls)
         self._call(index).name = name
         self._naming = False
-        self._start_json(self._position + end + len(_V11_ARGS))
+        self._start_json(self._position + end + len(separator))
         self._call_base = index
 
     def _read_close(self) -> None:
@@ -540,7 +578,7 @@ class ToolCallParser:
         elif self.fmt is ToolFormat.MISTRAL:
             if len(path) == 2 and isinstance(path[0], int):
                 return self._call_base + path[0], str(path[1])
-        elif self.fmt is ToolFormat.MISTRAL_V11:
+        elif self.fmt in _ARGUMENTS_AFTER_NAME:
             return (self._call_base, "arguments") if path == () else None
         elif len(path) == 1:
             return self._call_base, str(path[0])

@@ -60,7 +60,7 @@ def byte_tokens() -> list[str]:
     return [chr(table[byte]) for byte in range(256)]
 
 
-def vocabulary() -> tuple[list[str], list[int]]:
+def vocabulary(extra_special: tuple[str, ...] = ()) -> tuple[list[str], list[int]]:
     """Tokens and their types: 256 bytes, the merge results, then control tokens."""
     tokens = byte_tokens()
     for merge in MERGES:
@@ -68,8 +68,9 @@ def vocabulary() -> tuple[list[str], list[int]]:
         if merged not in tokens:
             tokens.append(merged)
     types = [1] * len(tokens)  # NORMAL
-    tokens += list(SPECIAL_TOKENS)
-    types += [3] * len(SPECIAL_TOKENS)  # CONTROL
+    specials = [*SPECIAL_TOKENS, *(token for token in extra_special if token not in SPECIAL_TOKENS)]
+    tokens += specials
+    types += [3] * len(specials)  # CONTROL
     return tokens, types
 
 
@@ -81,8 +82,13 @@ def write_model(
     float_type: str = "f32",
     split_max_tensors: int = 0,
     chat_template: str = CHATML_TEMPLATE,
+    special_tokens: tuple[str, ...] = (),
+    eos_token: str = "<|im_end|>",
 ) -> Path:
     """Write the model to ``path``; weights are random but fixed by ``seed``.
+
+    ``special_tokens`` are more control tokens (a chat format's markers), ``eos_token`` one of them or of
+    the ChatML ones.
 
     With ``split_max_tensors`` the model is split into ``<stem>-0000i-of-0000n.gguf`` parts
     beside ``path``, and the first part is returned.
@@ -91,7 +97,7 @@ def write_model(
 
     rng = np.random.default_rng(seed)
     dtype = np.float16 if float_type == "f16" else np.float32
-    tokens, token_types = vocabulary()
+    tokens, token_types = vocabulary(special_tokens)
     n_vocab = len(tokens)
     head_dim = shape.n_embd // shape.n_head
     n_embd_kv = head_dim * shape.n_head_kv
@@ -115,7 +121,7 @@ def write_model(
     writer.add_token_types(token_types)
     writer.add_token_merges(list(MERGES))
     writer.add_bos_token_id(tokens.index("<|endoftext|>"))
-    writer.add_eos_token_id(tokens.index("<|im_end|>"))
+    writer.add_eos_token_id(tokens.index(eos_token))
     writer.add_add_bos_token(False)
     writer.add_chat_template(chat_template)
 

@@ -17,8 +17,21 @@ import ollama
 import pytest
 from conftest import Cli
 from serving import Server
+from synthetic_gguf import write_model
+from test_templates import llama_cpp_templates
 
-from llmrun.reasoning import CONTENT, REASONING, ReasoningSplitter, opened_in_prompt, thinks
+from llmrun.engine.model import Model
+from llmrun.reasoning import (
+    CONTENT,
+    HARMONY,
+    REASONING,
+    THINK,
+    ReasoningFormat,
+    opened_in_prompt,
+    reasoning_format,
+    thinks,
+)
+from llmrun.tools import Tool, ToolCallParser, ToolFormat, ToolPlan
 
 # Written as Qwen3's: the generation prompt opens the think block, or writes an empty one when thinking is off;
 # earlier answers lose their thinking.
@@ -47,8 +60,34 @@ RECORDED = [
 ]  # fmt: skip
 
 
-def split(text: str, inside: bool, cuts: list[int]) -> tuple[str, str]:
-    splitter = ReasoningSplitter(inside)
+MAGISTRAL = ReasoningFormat("[THINK]", "[/THINK]")
+# Other families' formats, as their models write them. gpt-oss's harmony: <|end|> closes a message (rendered
+# where the vocabulary has it), the next starts with <|start|>assistant; a call is a message to a function.
+RECORDED_FORMATS = [
+    (MAGISTRAL, "[THINK]The user greets me.[/THINK]Hello! How can I help?", False,
+     "The user greets me.", "Hello! How can I help?"),
+    (ReasoningFormat("<seed:think>", "</seed:think>"), "<seed:think>\nSum it.\n</seed:think>\n4", False,
+     "Sum it.", "4"),
+    (HARMONY, "<|channel|>analysis<|message|>User asks 2+2. Simple.<|end|><|start|>assistant<|channel|>final"
+     "<|message|>2 + 2 = 4.", False, "User asks 2+2. Simple.", "2 + 2 = 4."),
+    (HARMONY, "<|channel|>analysis<|message|>No end token in sight<|start|>assistant<|channel|>final<|message|>Ok",
+     False, "No end token in sight", "Ok"),
+    (HARMONY, "<|channel|>analysis<|message|>Cut off while thinking", False, "Cut off while thinking", ""),
+    (HARMONY, "A model that ignores its format <| entirely", False, "", "A model that ignores its format <| entirely"),
+    (HARMONY, "<|channel|>final<|message|>a < b, and <|x|> is text", False, "", "a < b, and <|x|> is text"),
+    (HARMONY, "<|channel|>analysis<|message|>Need the weather.<|end|><|start|>assistant<|channel|>commentary "
+     'to=functions.get_weather <|constrain|>json<|message|>{"location":"Tokyo"}', False,
+     "Need the weather.", 'to=functions.get_weather<|message|>{"location":"Tokyo"}'),
+    (HARMONY, ' to=functions.get_weather<|channel|>commentary json<|message|>{"location":"Oslo"}', False,
+     "", 'to=functions.get_weather<|message|>{"location":"Oslo"}'),
+    (HARMONY, "<|channel|>commentary<|message|>Checking.<|end|><|start|>assistant<|channel|>commentary "
+     'to=functions.get_weather <|constrain|>json<|message|>{"location":"Rome"}', False,
+     "", 'Checking.to=functions.get_weather<|message|>{"location":"Rome"}'),
+]  # fmt: skip
+
+
+def split(text: str, inside: bool, cuts: list[int], fmt: ReasoningFormat = THINK) -> tuple[str, str]:
+    splitter = fmt.splitter(inside)
     pieces: list[tuple[str, str]] = []
     for begin, end in zip([0, *cuts], [*cuts, len(text)], strict=True):
         pieces += splitter.feed(text[begin:end])
@@ -67,6 +106,59 @@ def test_thinking_splits_from_the_answer_however_the_stream_is_cut(
         assert split(text, inside, cuts) == (reasoning, content), cuts
 
 
+@pytest.mark.parametrize(("fmt", "text", "inside", "reasoning", "content"), RECORDED_FORMATS)
+def test_other_families_formats_split_however_the_stream_is_cut(
+    fmt: ReasoningFormat, text: str, inside: bool, reasoning: str, content: str
+) -> None:
+    rng = random.Random(text)
+    for _ in range(100):
+        cuts = sorted(rng.sample(range(1, len(text)), rng.randint(0, min(12, len(text) - 1))))
+        assert split(text, inside, cuts, fmt) == (reasoning, content), cuts
+
+
+def test_a_gpt_oss_call_reaches_the_tool_parser_through_the_splitter() -> None:
+    weather = Tool("get_weather", "", {"type": "object", "properties": {"location": {"type": "string"}}})
+    parser = ToolCallParser(ToolPlan(ToolFormat.HARMONY, (weather,), "root ::= x", (), True, False))
+    _, content = split(RECORDED_FORMATS[-1][1], False, [7, 40, 95], HARMONY)
+    parser.feed(content)
+    parser.finish()
+    assert parser.final_content() == "Checking."
+    assert [(call.name, json.loads(call.arguments)) for call in parser.tool_calls] == [
+        ("get_weather", {"location": "Rome"})
+    ]
+
+
+def test_formats_are_read_off_the_real_templates() -> None:
+    templates = llama_cpp_templates()
+    assert reasoning_format(templates["openai-gpt-oss-120b.jinja"]) == HARMONY
+    assert reasoning_format(templates["mistralai-Ministral-3-14B-Reasoning-2512.jinja"]) == MAGISTRAL
+    assert reasoning_format(templates["Qwen-Qwen3-0.6B.jinja"]) == THINK
+    assert reasoning_format(templates["ByteDance-Seed-OSS.jinja"]).open == "<seed:think>"  # type: ignore[union-attr]
+    assert reasoning_format(templates["Cohere2MoE.jinja"]).close == "<|END_THINKING|>"  # type: ignore[union-attr]
+    assert reasoning_format(templates["meta-llama-Llama-3.1-8B-Instruct.jinja"]) is None
+    # gpt-oss cannot stop thinking: "no" asks for its lowest effort; Qwen3-style templates get enable_thinking.
+    assert HARMONY.template_options(False) == {"reasoning_effort": "low"}
+    assert HARMONY.template_options(None, "high") == {"reasoning_effort": "high"}
+    assert THINK.template_options(False) == {"enable_thinking": False} and THINK.template_options(None) == {}
+
+
+def test_format_markers_that_are_control_tokens_are_rendered(tmp_path: Path) -> None:
+    """Magistral's [THINK] and Mistral's [TOOL_CALLS] are control tokens: the parsers must still see them."""
+    path = write_model(tmp_path / "markers.gguf", special_tokens=("[THINK]", "[/THINK]", "[TOOL_CALLS]", "[IMG]"))
+    model = Model(path)
+    try:
+
+        def token(text: str) -> int:
+            (only,) = model.tokenize(text, add_special=False, parse_special=True)
+            return only
+
+        assert model.token_bytes(token("[THINK]")) == b"[THINK]"
+        assert model.token_bytes(token("[TOOL_CALLS]")) == b"[TOOL_CALLS]"
+        assert model.token_bytes(token("<|im_end|>")) == b"" and model.token_bytes(token("[IMG]")) == b""
+    finally:
+        model.close()
+
+
 def test_reasoning_templates_and_open_blocks_are_recognised() -> None:
     assert thinks(THINKING_TEMPLATE) and not thinks("{{ messages[0].content }}") and not thinks(None)
     assert opened_in_prompt("<|im_start|>assistant\n<think>\n") and not opened_in_prompt("<think>\n\n</think>\n\n")
@@ -83,9 +175,18 @@ def cli(tmp_path_factory: pytest.TempPathFactory, smollm2: Path) -> Cli:
          "--chat-template-file", str(folder / "template.jinja"), "--force"],
         check=True, capture_output=True,
     )  # fmt: skip
+    # Qwen3's own template: it keeps the thinking of the turns after the user's last question (a tool loop).
+    (folder / "qwen3.jinja").write_text(llama_cpp_templates()["Qwen-Qwen3-0.6B.jinja"])
+    qwen3 = folder / "qwen3.gguf"
+    subprocess.run(
+        [sys.executable, "-m", "gguf.scripts.gguf_new_metadata", str(smollm2), str(qwen3),
+         "--chat-template-file", str(folder / "qwen3.jinja"), "--force"],
+        check=True, capture_output=True,
+    )  # fmt: skip
     cli = Cli(tmp_path_factory.mktemp("thinker-home"))
     assert cli("import", str(smollm2), "--name", "smollm2", "--link").returncode == 0
     assert cli("import", str(thinker), "--name", "thinker").returncode == 0
+    assert cli("import", str(qwen3), "--name", "qwen3ish").returncode == 0
     return cli
 
 
@@ -184,6 +285,74 @@ def test_responses_reasoning_items_streamed_or_not(server: Server) -> None:
         reasoning={"effort": "none"},
     )  # type: ignore[typeddict-item]
     assert [item.type for item in off.output] == ["message"] and off.output_text
+
+
+THOUGHT = "The user wants the weather in Paris, so I call get_weather with city Paris before answering."
+WEATHER_TOOL = {"name": "get_weather", "description": "Weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}  # fmt: skip
+
+
+def test_thinking_sent_back_in_a_tool_loop_reaches_the_template(server: Server) -> None:
+    """Each API's way of returning an earlier turn's thinking (reasoning_content, thinking blocks, reasoning
+    items, Ollama's thinking) reaches the template, which keeps it in a tool loop: the prompt grows by it."""
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    tool_message = {"role": "tool", "tool_call_id": "call_1", "content": "18 C"}
+    client = server.openai(timeout=120)
+
+    def openai_prompt(thinking: bool) -> int:
+        assistant: dict[str, Any] = {"role": "assistant", "content": "", "tool_calls": [call]}
+        if thinking:
+            assistant["reasoning_content"] = THOUGHT
+        answer = client.chat.completions.create(
+            model="qwen3ish",
+            messages=[{"role": "user", "content": "Weather in Paris?"}, assistant, tool_message],  # type: ignore[list-item]
+            tools=[{"type": "function", "function": WEATHER_TOOL}],  # type: ignore[list-item]
+            max_tokens=1,
+        )
+        return answer.usage.prompt_tokens  # type: ignore[union-attr]
+
+    def anthropic_prompt(thinking: bool) -> int:
+        blocks: list[dict[str, Any]] = [{"type": "thinking", "thinking": THOUGHT, "signature": ""}] if thinking else []
+        blocks.append({"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}})
+        body = {"model": "qwen3ish", "messages": [
+            {"role": "user", "content": "Weather in Paris?"}, {"role": "assistant", "content": blocks},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "18 C"}]}],
+            "tools": [{"name": "get_weather", "input_schema": WEATHER_TOOL["parameters"]}]}  # fmt: skip
+        counted = httpx.post(f"{server.url}/v1/messages/count_tokens", json=body, timeout=60)
+        assert counted.status_code == 200, counted.text
+        return int(counted.json()["input_tokens"])
+
+    def responses_prompt(thinking: bool) -> int:
+        items: list[dict[str, Any]] = [{"role": "user", "content": "Weather in Paris?"}]
+        if thinking:
+            items.append({"type": "reasoning", "id": "rs_1", "summary": [],
+                          "content": [{"type": "reasoning_text", "text": THOUGHT}]})  # fmt: skip
+        arguments = '{"city": "Paris"}'
+        items += [{"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": arguments},
+                  {"type": "function_call_output", "call_id": "call_1", "output": "18 C"}]  # fmt: skip
+        response = client.responses.create(model="qwen3ish", input=items, max_output_tokens=1, store=False,  # type: ignore[arg-type]
+                                           tools=[{"type": "function", **WEATHER_TOOL}])  # type: ignore[list-item]  # fmt: skip
+        return response.usage.input_tokens  # type: ignore[union-attr]
+
+    def ollama_prompt(thinking: bool) -> int:
+        ollama_call = {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+        assistant: dict[str, Any] = {"role": "assistant", "content": "", "tool_calls": [ollama_call]}
+        if thinking:
+            assistant["thinking"] = THOUGHT
+        answer = ollama.Client(host=server.url, timeout=120).chat(
+            model="qwen3ish",
+            messages=[
+                {"role": "user", "content": "Weather in Paris?"},
+                assistant,
+                {"role": "tool", "content": "18 C", "tool_name": "get_weather"},
+            ],  # fmt: skip
+            tools=[{"type": "function", "function": WEATHER_TOOL}],
+            options={"num_predict": 1},
+        )
+        return int(answer.prompt_eval_count or 0)
+
+    for prompt_tokens in (openai_prompt, anthropic_prompt, responses_prompt, ollama_prompt):
+        assert prompt_tokens(True) > prompt_tokens(False) + 10, prompt_tokens.__name__
 
 
 def test_bad_think_values_do_not_break_the_server(server: Server) -> None:

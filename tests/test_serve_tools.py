@@ -13,6 +13,7 @@ import pytest
 from conftest import Cli
 from serving import Server
 from synthetic_gguf import write_model
+from test_templates import llama_cpp_templates
 
 WEATHER = {
     "type": "object",
@@ -30,6 +31,7 @@ TOOLS = [
 ]
 SCHEMAS = {"get_weather": WEATHER, "get_forecast": FORECAST}
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+HARMONY_TOKENS = ("<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|return|>", "<|call|>", "<|constrain|>")
 
 # A template written the way Qwen 2.5 and Hermes write theirs: tools in the system turn, calls in <tool_call>.
 HERMES_TEMPLATE = """{%- if tools %}<|im_start|>system
@@ -57,8 +59,21 @@ def server(tmp_path_factory: pytest.TempPathFactory, smollm2: Path) -> Iterator[
     hermes = write_model(tmp_path_factory.mktemp("models") / "hermes-tiny.gguf", chat_template=HERMES_TEMPLATE)
     assert cli("import", str(smollm2), "--name", "smollm2", "--link").returncode == 0
     assert cli("import", str(hermes), "--name", "hermes-tiny").returncode == 0
-    mistral = write_model(tmp_path_factory.mktemp("models") / "mistral-tiny.gguf", chat_template=MISTRAL_V11_TEMPLATE)
+    # Its markers are control tokens, as in Mistral's real vocabularies: they must still reach the parser.
+    mistral = write_model(
+        tmp_path_factory.mktemp("models") / "mistral-tiny.gguf",
+        chat_template=MISTRAL_V11_TEMPLATE,
+        special_tokens=("[TOOL_CALLS]", "[ARGS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]"),
+    )
     assert cli("import", str(mistral), "--name", "mistral-tiny").returncode == 0
+    # gpt-oss's own template and harmony's control tokens (<|call|> and <|return|> end a turn, <|end|> a message).
+    harmony = write_model(
+        tmp_path_factory.mktemp("models") / "harmony-tiny.gguf",
+        chat_template=llama_cpp_templates()["openai-gpt-oss-120b.jinja"],
+        special_tokens=HARMONY_TOKENS,
+        eos_token="<|return|>",
+    )
+    assert cli("import", str(harmony), "--name", "harmony-tiny").returncode == 0
     running = Server(cli, "hermes-tiny", "--parallel", "2", "--ctx", "2048", "--no-log")
     yield running
     running.stop()
@@ -72,7 +87,7 @@ def check_call(call: object) -> dict[str, object]:
     return {"name": function.name, "arguments": arguments}
 
 
-@pytest.mark.parametrize("model", ["smollm2", "hermes-tiny", "mistral-tiny"])
+@pytest.mark.parametrize("model", ["smollm2", "hermes-tiny", "mistral-tiny", "harmony-tiny"])
 @pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_forecast"}}])
 def test_forced_calls_parse_and_match_their_schema_streamed_or_not(server: Server, model: str, choice: object) -> None:
     client = server.openai(timeout=120)
@@ -89,7 +104,7 @@ def test_forced_calls_parse_and_match_their_schema_streamed_or_not(server: Serve
         **options,  # type: ignore[arg-type]
     )
     message = answer.choices[0].message
-    assert answer.choices[0].finish_reason == "tool_calls" and message.tool_calls
+    assert answer.choices[0].finish_reason == "tool_calls" and message.tool_calls, message
     calls = [check_call(call) for call in message.tool_calls]
     if isinstance(choice, dict):
         assert {call["name"] for call in calls} == {"get_forecast"}
@@ -113,12 +128,11 @@ def test_forced_calls_parse_and_match_their_schema_streamed_or_not(server: Serve
                     streamed[delta.index] = {"name": delta.function.name, "arguments": "", "id": delta.id}
                 streamed[delta.index]["arguments"] += (delta.function and delta.function.arguments) or ""
     assert reasons[-1] == "tool_calls"
+    # The same calls (as JSON values: the second request reuses the first's cached prompt, which may change
+    # a greedy pick between equally likely spellings, such as a space after a colon).
     assert [
         {"name": call["name"], "arguments": json.loads(call["arguments"])} for _, call in sorted(streamed.items())
     ] == calls
-    assert [call["arguments"] for _, call in sorted(streamed.items())] == [
-        c.function.arguments for c in message.tool_calls
-    ]
 
 
 def test_a_tool_result_fed_back_yields_an_answer(server: Server) -> None:
@@ -160,26 +174,28 @@ def test_a_tool_result_fed_back_yields_an_answer(server: Server) -> None:
 
 
 @pytest.mark.parametrize(
-    ("change", "expected"),
+    ("change", "expected", "param"),
     [
-        ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "not among the tools"),
+        ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "not among the tools", "tool_choice"),
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}]},
-         "not a valid JSON schema"),
-        ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "cannot be combined"),
-        ({"tool_choice": "sometimes"}, "tool_choice"),
-        ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "not valid"),
+         "not a valid JSON schema", "tools"),
+        ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "cannot be combined", None),
+        ({"tool_choice": "sometimes"}, "tool_choice", "tool_choice"),
+        ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "not valid", "tools"),
         ({"messages": [*ASK, {"role": "tool", "tool_call_id": "call_nope", "content": "1"}]},
-         "no earlier assistant message made"),
+         "no earlier assistant message made", "messages"),
     ],
 )  # fmt: skip
 def test_bad_tool_requests_get_openai_400s_and_the_server_keeps_serving(
-    server: Server, change: dict[str, object], expected: str
+    server: Server, change: dict[str, object], expected: str, param: str | None
 ) -> None:
     body = {"model": "smollm2", "messages": ASK, "tools": TOOLS, "max_tokens": 8, **change}
     response = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert expected in error["message"] and error["type"] == "invalid_request_error"
+    if param is not None:  # the field at fault, as OpenAI names it
+        assert error["param"] is not None and error["param"].startswith(param), error
     assert server.openai().chat.completions.create(model="smollm2", messages=ASK, max_tokens=4).choices
 
 

@@ -193,6 +193,7 @@ def test_grammars_for_each_format_are_accepted_by_llama_cpp(tiny_model: object) 
         for fmt in ToolFormat:
             template = {ToolFormat.HERMES: "<tool_call>{{ tools }}", ToolFormat.MISTRAL: "[TOOL_CALLS]{{ tools }}",
                         ToolFormat.MISTRAL_V11: "[TOOL_CALLS]{{ tools }}[ARGS]",
+                        ToolFormat.HARMONY: "<|channel|>commentary to=functions.{{ tools }}",
                         ToolFormat.LLAMA3: "<|python_tag|>{{ tools }}", ToolFormat.GENERIC: None}[fmt]  # fmt: skip
             for choice in (ToolChoice("auto"), ToolChoice("required"), ToolChoice("function", "add")):
                 for parallel in (True, False):

@@ -11,7 +11,7 @@ import typer
 from llmrun.cli import options
 from llmrun.cli.output import notice, print_json, stdin_is_tty
 from llmrun.errors import ExitCode, UsageError
-from llmrun.reasoning import CONTENT, REASONING, ReasoningSplitter
+from llmrun.reasoning import CONTENT, REASONING, ReasoningFormat
 from llmrun.settings import (
     DEFAULT_MIN_P,
     DEFAULT_REPEAT_PENALTY,
@@ -59,8 +59,8 @@ class _Answer:
     """Splits a reasoning model's thinking from its answer: the answer to stdout, the thinking to stderr
     (dimmed on a terminal) with --think, or nowhere."""
 
-    def __init__(self, inside: bool | None, show_thinking: bool) -> None:
-        self.splitter = ReasoningSplitter(inside) if inside is not None else None
+    def __init__(self, fmt: ReasoningFormat | None, inside: bool, show_thinking: bool) -> None:
+        self.splitter = fmt.splitter(inside) if fmt is not None else None
         self.show_thinking = show_thinking
         self.text: list[str] = []
         self.reasoning: list[str] = []
@@ -206,7 +206,7 @@ def run_command(
 
     from llmrun.engine import GenerationRequest
     from llmrun.engine.sampling import check_grammar, json_schema_grammar
-    from llmrun.reasoning import opened_in_prompt, thinks
+    from llmrun.reasoning import reasoning_format
 
     with options.open_engine(resolved, ctx, threads, gpu_layers, verbose) as engine:
         if verbose and not raw and not engine.model.chat_template:
@@ -217,17 +217,19 @@ def run_command(
             sampling = replace(sampling, grammar=json_schema_grammar(json_schema))
             check_grammar(engine.model.vocab, sampling.grammar or "")
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-        inside = None
+        fmt, inside = None, False
         if raw:
             prompt_tokens = engine.raw_prompt("\n\n".join(m["content"] for m in messages))
         else:
             # A JSON answer from the first token leaves no room to think.
-            thinking = thinks(engine.model.chat_template) and not constrained
-            wanted = think if thinking else (False if thinks(engine.model.chat_template) else None)
-            chat = engine.chat_text(messages, None, **({"enable_thinking": wanted} if wanted is not None else {}))
+            fmt = reasoning_format(engine.model.chat_template)
+            wanted = False if constrained and fmt is not None else think
+            chat = engine.chat_text(messages, None, **(fmt.template_options(wanted) if fmt is not None else {}))
             prompt_tokens = engine.chat_tokens(chat)
-            if thinking:
-                inside = opened_in_prompt(chat.text)
+            if fmt is not None and constrained:
+                fmt = None  # a JSON answer from the first token: nothing to split
+            elif fmt is not None:
+                inside = fmt.opened_in_prompt(chat.text)
         request = GenerationRequest(
             prompt_tokens=tuple(prompt_tokens),
             sampling=sampling,
@@ -235,7 +237,7 @@ def run_command(
             stop=tuple(stop or ()),
             ignore_eos=ignore_eos,
         )
-        answer = _Answer(inside, show_thinking=bool(think))
+        answer = _Answer(fmt, inside, show_thinking=bool(think))
         result = _generate(engine, request, answer, resolved.name, verbose=verbose, json_output=json_output)
         if not (no_log or get_settings().no_log):
             _log(resolved.name, text, system, request, replace(result, text="".join(answer.text)))

@@ -11,6 +11,16 @@ from llmrun.engine.native import NATIVE_LOG, llama_cpp, supports_gpu_offload
 from llmrun.errors import ModelLoadError, UsageError
 
 ALL_LAYERS = 999
+# Special tokens that chat formats write in their output as markers: thinking (Qwen3's <think>, Magistral's
+# [THINK], Seed-OSS, Command R7B, gpt-oss's harmony headers) and tool calls (Hermes, Mistral, Llama 3). Where a
+# vocabulary has one as a control token, it is rendered as its text (as llama-server's "preserved tokens"
+# are), so the parsers see it; other control tokens render as nothing.
+OUTPUT_MARKERS = (
+    "<think>", "</think>", "[THINK]", "[/THINK]", "<seed:think>", "</seed:think>",
+    "<|START_THINKING|>", "<|END_THINKING|>",
+    "<|channel|>", "<|message|>", "<|start|>", "<|end|>", "<|constrain|>",
+    "<tool_call>", "</tool_call>", "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]", "<|python_tag|>",
+)  # fmt: skip
 
 
 def resolve_gpu_layers(gpu_layers: str | int) -> int:
@@ -64,6 +74,16 @@ class Model:
         self.n_params = int(llama_cpp.llama_model_n_params(handle))
         self._piece_buffer = ctypes.create_string_buffer(256)
         self._piece_cache = lru_cache(maxsize=65536)(self._token_bytes_uncached)
+        self._shown_specials = self._marker_tokens()
+
+    def _marker_tokens(self) -> frozenset[int]:
+        """The control tokens among OUTPUT_MARKERS (each one token, rendered as nothing by default)."""
+        found = set()
+        for marker in OUTPUT_MARKERS:
+            tokens = self.tokenize(marker, add_special=False, parse_special=True)
+            if len(tokens) == 1 and not self._token_bytes_uncached(tokens[0], special=False):
+                found.add(tokens[0])
+        return frozenset(found)
 
     def _meta_string(self, key: str) -> str | None:
         size = llama_cpp.llama_model_meta_val_str(self.handle, key.encode(), None, 0)
@@ -98,16 +118,16 @@ class Model:
         return list(tokens[:count])
 
     def token_bytes(self, token: int) -> bytes:
-        """The bytes a token stands for; special tokens render as nothing."""
-        return self._piece_cache(token)
+        """The bytes a token stands for; special tokens render as nothing, but for format markers."""
+        return self._piece_cache(token, token in self._shown_specials)
 
-    def _token_bytes_uncached(self, token: int) -> bytes:
-        size = llama_cpp.llama_token_to_piece(self.vocab, token, self._piece_buffer, len(self._piece_buffer), 0, False)
+    def _token_bytes_uncached(self, token: int, special: bool) -> bytes:
+        buffer = self._piece_buffer
+        size = llama_cpp.llama_token_to_piece(self.vocab, token, buffer, len(buffer), 0, special)
         if size < 0:
             buffer = ctypes.create_string_buffer(-size)
-            size = llama_cpp.llama_token_to_piece(self.vocab, token, buffer, -size, 0, False)
-            return buffer.raw[:size]
-        return self._piece_buffer.raw[:size]
+            size = llama_cpp.llama_token_to_piece(self.vocab, token, buffer, -size, 0, special)
+        return buffer.raw[:size]
 
     def token_text(self, token: int) -> str:
         """A token's text including special tokens (for BOS/EOS strings in templates)."""

@@ -111,6 +111,7 @@ def _messages(body: CountTokensRequest) -> tuple[list[dict[str, Any]], str]:
     for number, message in enumerate(body.messages):
         blocks = [{"type": "text", "text": message.content}] if isinstance(message.content, str) else message.content
         texts: list[str] = []
+        thoughts: list[str] = []
         calls: list[dict[str, Any]] = []
         for block in blocks:
             kind = block.get("type")
@@ -126,8 +127,10 @@ def _messages(body: CountTokensRequest) -> tuple[list[dict[str, Any]], str]:
                     result = f"Error: {result}"
                 converted.append({"role": "tool", "tool_call_id": str(block.get("tool_use_id") or ""),
                                   "content": result})  # fmt: skip
-            elif kind in ("thinking", "redacted_thinking"):
-                continue  # earlier reasoning is not sent back to the model, as chat templates drop it
+            elif kind == "thinking" and message.role == "assistant":
+                thoughts.append(str(block.get("thinking") or ""))  # the template keeps it, or drops it
+            elif kind == "redacted_thinking":
+                continue  # another model's encrypted thinking: nothing a local model can read
             elif kind in ("image", "document", "search_result"):
                 raise UsageError(f"{kind} blocks are not supported: llmrun serves text-only models",
                                  "send text, tool_use and tool_result blocks")  # fmt: skip
@@ -139,6 +142,8 @@ def _messages(body: CountTokensRequest) -> tuple[list[dict[str, Any]], str]:
             entry: dict[str, Any] = {"role": "assistant", "content": text}
             if calls:
                 entry["tool_calls"] = calls
+            if any(thoughts):
+                entry["reasoning_content"] = "\n\n".join(thought for thought in thoughts if thought)
             converted.append(entry)
         elif texts or not converted or converted[-1]["role"] != "tool":
             converted.append({"role": "user", "content": text})

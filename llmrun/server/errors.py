@@ -45,7 +45,7 @@ def _param(error: BaseException) -> str | None:
     if isinstance(error, RequestValidationError) and error.errors():
         location = [str(part) for part in error.errors()[0].get("loc", ()) if part != "body"]
         return ".".join(location) or None
-    return None
+    return getattr(error, "param", None)
 
 
 def openai_error_body(error: BaseException) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from llmrun.errors import LlmrunError, UsageError
-from llmrun.reasoning import CONTENT, REASONING, ReasoningSplitter, opened_in_prompt, thinks
+from llmrun.reasoning import CONTENT, REASONING, ReasoningFormat, Splitter, reasoning_format
 from llmrun.tools import ArgumentsPiece, CallStart, ContentPiece, Tool, ToolCall, ToolCallParser, ToolChoice, ToolPlan
 
 if TYPE_CHECKING:
@@ -49,6 +49,7 @@ class InferenceRequest:
     tool_choice: ToolChoice = ToolChoice()
     parallel_tool_calls: bool = True
     think: bool | None = None  # a reasoning model thinks first (its template's enable_thinking); None: its default
+    effort: str | None = None  # low, medium, high: how hard it thinks, where its template takes a reasoning_effort
     route: str = ""  # for metrics and the log
 
 
@@ -119,7 +120,8 @@ class Prepared:
     grammar: str | None
     grammar_triggers: tuple[str, ...] = ()
     tools: ToolPlan | None = None  # set when the output is parsed for tool calls
-    reasoning: bool | None = None  # a reasoning model's output: True when it starts inside the think block
+    reasoning: ReasoningFormat | None = None  # a reasoning model's output is split in this format
+    reasoning_inside: bool = False  # and starts inside its thinking (the prompt opened it)
 
 
 class Stream:
@@ -136,7 +138,7 @@ class Stream:
         self._open = request.n
         self._released = False
         self._parsers: list[ToolCallParser] = []
-        self._splitters: list[ReasoningSplitter] = []
+        self._splitters: list[Splitter] = []
         self._content: list[list[str]] = [[] for _ in range(request.n)]
         self._reasoning: list[list[str]] = [[] for _ in range(request.n)]
         self.prompt_tokens = 0  # known once the prompt is prepared, before any output
@@ -172,7 +174,7 @@ class Stream:
         if prepared.tools is not None:
             self._parsers = [ToolCallParser(prepared.tools) for _ in range(request.n)]
         if prepared.reasoning is not None:
-            self._splitters = [ReasoningSplitter(prepared.reasoning) for _ in range(request.n)]
+            self._splitters = [prepared.reasoning.splitter(prepared.reasoning_inside) for _ in range(request.n)]
 
     async def __aiter__(self) -> AsyncIterator[Event]:
         try:
@@ -310,7 +312,8 @@ def prepare(engine: Engine, request: InferenceRequest) -> Prepared:
     from llmrun.tools import check_tool_results, plan, prompt_messages
 
     tool_plan = None
-    reasoning = None
+    reasoning: ReasoningFormat | None = None
+    inside = False
     if request.messages is not None:
         check_tool_results(request.messages)
         template = engine.model.chat_template
@@ -326,14 +329,15 @@ def prepare(engine: Engine, request: InferenceRequest) -> Prepared:
         # A grammar that holds from the first token (a forced call, a JSON answer) leaves no room to think.
         forced = request.json_schema is not None or request.json_any
         forced = forced or (tool_plan is not None and tool_plan.grammar is not None and not tool_plan.triggers)
-        think = False if forced and thinks(template) else request.think
-        extra = {"enable_thinking": think} if think is not None else {}
+        fmt = reasoning_format(template)
+        think = False if forced and fmt is not None else request.think
+        extra = fmt.template_options(think, request.effort) if fmt is not None else {}
         chat = engine.chat_text(messages, tools=template_tools, **extra)
         tokens = engine.chat_tokens(chat)
         if request.prefill:
             tokens += engine.model.tokenize(request.prefill, add_special=False, parse_special=False)
-        if thinks(template) and not forced:
-            reasoning = opened_in_prompt(chat.text + request.prefill)
+        if fmt is not None and (fmt.harmony or not forced):  # harmony's calls are read through its splitter too
+            reasoning, inside = fmt, fmt.opened_in_prompt(chat.text + request.prefill)
     elif request.prompt is not None:
         tokens = engine.raw_prompt(request.prompt)
     else:
@@ -343,12 +347,12 @@ def prepare(engine: Engine, request: InferenceRequest) -> Prepared:
         raise UsageError(f"max tokens must be at least 1, not {request.max_tokens}", "leave it out for no limit")
     if tool_plan is not None and tool_plan.grammar is not None:
         check_grammar(engine.model.vocab, tool_plan.grammar, tool_plan.triggers)
-        return Prepared(tuple(tokens), tool_plan.grammar, tool_plan.triggers, tool_plan, reasoning)
+        return Prepared(tuple(tokens), tool_plan.grammar, tool_plan.triggers, tool_plan, reasoning, inside)
     grammar = None
     if request.json_schema is not None or request.json_any:
         grammar = json_schema_grammar(request.json_schema)
         check_grammar(engine.model.vocab, grammar)
-    return Prepared(tuple(tokens), grammar, reasoning=reasoning)
+    return Prepared(tuple(tokens), grammar, reasoning=reasoning, reasoning_inside=inside)
 
 
 async def start(pool: ModelPool, request: InferenceRequest) -> Stream:

@@ -71,6 +71,7 @@ class ChatMessage(Lenient):
     images: list[str] | None = None
     tool_calls: list[MessageToolCall] | None = None
     tool_name: str | None = None  # a tool result's tool
+    thinking: str | None = None  # an assistant turn's thinking
 
 
 class _Generation(Lenient):
@@ -145,6 +146,11 @@ def _format(value: str | dict[str, Any] | None) -> tuple[dict[str, Any] | None, 
 
 def _think(value: bool | str | None) -> bool | None:
     return value if isinstance(value, bool) or value is None else value.lower() not in ("false", "none", "")
+
+
+def _effort(value: bool | str | None) -> str | None:
+    """``think: "high"`` (gpt-oss's way) also says how hard to think."""
+    return value.lower() if isinstance(value, str) else None
 
 
 def _request(body: _Generation, route: str, **fields: Any) -> InferenceRequest:
@@ -290,6 +296,8 @@ def _messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
             ]  # fmt: skip
         if message.role == "tool" and message.tool_name:
             entry["name"] = message.tool_name
+        if message.role == "assistant" and message.thinking:
+            entry["reasoning_content"] = message.thinking
         converted.append(entry)
     return converted
 
@@ -310,7 +318,8 @@ async def chat(body: ChatRequest, request: Request) -> Any:
         Tool(tool.function.name, tool.function.description or "", tool.function.parameters or dict(NO_PARAMETERS))
         for tool in body.tools or []
     )
-    fields = {"messages": _messages(body.messages), "tools": tools, "think": _think(body.think)}
+    fields = {"messages": _messages(body.messages), "tools": tools, "think": _think(body.think),
+              "effort": _effort(body.think)}  # fmt: skip
     stream = await start(request.app.state.pool, _request(body, "/api/chat", **fields))
     return await _respond(
         request,
@@ -333,7 +342,8 @@ async def generate(body: GenerateRequest, request: Request) -> Any:
         fields: dict[str, Any] = {"prompt": body.prompt}
     else:
         messages = [{"role": "system", "content": body.system}] if body.system else []
-        fields = {"messages": [*messages, {"role": "user", "content": body.prompt}], "think": _think(body.think)}
+        fields = {"messages": [*messages, {"role": "user", "content": body.prompt}], "think": _think(body.think),
+                  "effort": _effort(body.think)}  # fmt: skip
     stream = await start(request.app.state.pool, _request(body, "/api/generate", **fields))
     return await _respond(
         request, stream, body.stream, lambda text: {"response": text}, lambda text: {"response": text, "context": []},

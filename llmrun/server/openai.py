@@ -55,6 +55,7 @@ class ChatMessage(Lenient):
     name: str | None = None
     tool_calls: list[MessageToolCall] | None = None
     tool_call_id: str | None = None
+    reasoning_content: str | None = None  # an assistant turn's thinking, as llama-server and vLLM return it
 
 
 class FunctionDefinition(Lenient):
@@ -191,6 +192,8 @@ def _messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
             entry["tool_call_id"] = message.tool_call_id
         if message.name is not None and role in ("tool", "function"):
             entry["name"] = message.name
+        if message.reasoning_content and role == "assistant":
+            entry["reasoning_content"] = message.reasoning_content
         rendered.append(entry)
     return rendered
 
@@ -317,7 +320,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         max_tokens=body.max_completion_tokens or body.max_tokens, stop=_stops(body.stop), n=body.n,
         logprobs=logprobs, ignore_eos=body.ignore_eos, json_schema=schema, json_any=json_any,
         tools=tools, tool_choice=tool_choice, parallel_tool_calls=body.parallel_tool_calls, think=body.think,
-        route="/v1/chat/completions",
+        effort=body.reasoning_effort, route="/v1/chat/completions",
     )  # fmt: skip
     stream = await start(pool, inference)
     completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"

@@ -112,6 +112,7 @@ def _items_to_messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]
     if isinstance(items, str):
         return [{"role": "user", "content": items}] if items else []
     messages: list[dict[str, Any]] = []
+    thought = ""  # a reasoning item's text, for the assistant turn that follows it
     for number, item in enumerate(items):
         kind = item.get("type") or ("message" if "role" in item else None)
         if kind == "message":
@@ -120,6 +121,8 @@ def _items_to_messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]
                 raise UsageError(f"input.{number} has role {role!r}", "use user, assistant, system or developer")
             text = _content_text(item.get("content"), f"input.{number}")
             messages.append({"role": "system" if role == "developer" else role, "content": text})
+            if role == "assistant" and thought:
+                messages[-1]["reasoning_content"], thought = thought, ""
         elif kind == "function_call":
             function = {"name": str(item.get("name") or ""), "arguments": item.get("arguments") or "{}"}
             call = {"id": str(item.get("call_id") or ""), "type": "function", "function": function}
@@ -128,12 +131,15 @@ def _items_to_messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]
                 last.setdefault("tool_calls", []).append(call)
             else:
                 messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
+                if thought:
+                    messages[-1]["reasoning_content"], thought = thought, ""
         elif kind == "function_call_output":
             output = item.get("output")
             text = output if isinstance(output, str) else _content_text(output, f"input.{number}.output")
             messages.append({"role": "tool", "tool_call_id": str(item.get("call_id") or ""), "content": text})
-        elif kind == "reasoning":
-            continue  # earlier reasoning is not sent back to the model, as chat templates drop it
+        elif kind == "reasoning":  # the thinking of the assistant turn that follows (its template keeps or drops it)
+            parts = [*(item.get("content") or []), *(item.get("summary") or [])]
+            thought = "\n\n".join(str(part.get("text") or "") for part in parts if isinstance(part, dict)).strip()
         else:
             raise UsageError(f"input.{number} is an item of type {kind!r} that llmrun does not take",
                              "send messages, function_call and function_call_output items")  # fmt: skip
@@ -293,7 +299,8 @@ async def create_response(body: ResponsesRequest, request: Request) -> Any:
     inference = InferenceRequest(
         model=body.model, messages=conversation.messages(), sampling=sampling, max_tokens=body.max_output_tokens,
         json_schema=schema, json_any=json_any, tools=tools, tool_choice=choice,
-        parallel_tool_calls=body.parallel_tool_calls, think=body.think, route="/v1/responses",
+        parallel_tool_calls=body.parallel_tool_calls, think=body.think,
+        effort=(body.reasoning or {}).get("effort"), route="/v1/responses",
     )  # fmt: skip
     stream = await start(request.app.state.pool, inference)
     response_id = f"resp_{uuid.uuid4().hex[:24]}"
