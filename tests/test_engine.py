@@ -122,6 +122,21 @@ def test_two_sequences_in_one_context_match_each_alone(smollm2: Path) -> None:
         assert together == alone
 
 
+def test_an_unrelated_request_leaves_another_conversations_cache_alone(smollm2: Path) -> None:
+    """A request sharing nothing with any slot takes the slot used least recently, not one whose cache holds a
+    conversation: that conversation's next turn is still evaluated only from where it left off."""
+    with Engine(smollm2, LoadOptions(n_ctx=1024, n_slots=2)) as engine:
+        turn = [{"role": "user", "content": "Tell me about the history of lighthouses on rocky coasts."}]
+        first = engine.chat_prompt(turn)
+        answer, _ = generate(engine, first, sampling=GREEDY, max_tokens=8)
+        generate(engine, [engine.model.bos_token, *range(300, 340)], sampling=GREEDY, max_tokens=4)
+        follow_up = engine.chat_prompt([*turn, {"role": "assistant", "content": answer},
+                                        {"role": "user", "content": "And in winter?"}])  # fmt: skip
+        generation = engine.generate(GenerationRequest(tuple(follow_up), GREEDY, max_tokens=2))
+        list(generation)
+        assert generation.result.cached_tokens >= len(first) - 2
+
+
 def test_utf8_split_across_byte_tokens_round_trips(tiny_engine: Engine) -> None:
     text = "naïve café — 日本語のテキスト 😀🎉 done"
     tokens = tiny_engine.model.tokenize(text, add_special=False, parse_special=False)
@@ -220,6 +235,46 @@ def test_a_different_prompt_reuses_only_the_shared_start(smollm2_engine: Engine)
     # Reuse must not change the answer: the same prompt in a fresh context gives the same text.
     with Engine(smollm2_engine.model.path, LoadOptions(n_ctx=2048)) as fresh:
         assert generate(fresh, second, sampling=GREEDY, max_tokens=4)[0] == reused_text
+
+
+def test_llama_cpps_pick_checked_by_the_grammar_matches_the_general_path_with_penalties(smollm2_engine: Engine) -> None:
+    """sample() lets llama.cpp pick in C and the grammar check it; a refused pick must leave no trace in the
+    penalty sampler's history: step by step, on real logits, it picks what sample_constrained() picks."""
+    import ctypes
+
+    import numpy as np
+
+    from llmrun.engine.native import llama_cpp
+    from llmrun.engine.sampling import SamplerChain, json_schema_grammar
+
+    model = smollm2_engine.model
+    tags = {"type": "array", "items": {"type": "string"}, "maxItems": 3}
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20}, "tags": tags},
+              "required": ["name", "tags"]}  # fmt: skip
+    params = SamplingParams(temperature=0, repeat_penalty=1.5, grammar=json_schema_grammar(schema))
+    fast = SamplerChain(params, model.n_vocab, model.vocab)
+    general = SamplerChain(params, model.n_vocab, model.vocab)
+    smollm2_engine.clear_memory()
+    smollm2_engine.decode(smollm2_engine.chat_prompt([{"role": "user", "content": "A person as JSON, please."}]))
+    swaps = 0
+    try:
+        for _ in range(40):
+            logits = np.ctypeslib.as_array(
+                llama_cpp.llama_get_logits_ith(smollm2_engine.ctx, -1), shape=(model.n_vocab,)
+            )
+            kept = logits.copy()
+            handle = fast.handle
+            token = fast.sample(smollm2_engine.ctx, -1)
+            swaps += fast.handle != handle
+            assert token == general.sample_constrained(kept.ctypes.data_as(ctypes.POINTER(ctypes.c_float)))
+            if model.is_end_of_generation(token):
+                break
+            smollm2_engine.decode([token])
+    finally:
+        fast.close()
+        general.close()
+        smollm2_engine.clear_memory()
+    assert swaps > 0  # the grammar refused llama.cpp's pick at least once
 
 
 @pytest.mark.parametrize("boost", [0.0, 4.0])

@@ -124,7 +124,9 @@ class SamplerChain:
         if params.top_k > 0:
             add(self.handle, llama_cpp.llama_sampler_init_top_k(params.top_k))
         penalized = params.repeat_penalty != 1.0 or params.presence_penalty or params.frequency_penalty
-        if penalized and params.repeat_last_n != 0:
+        # Only the penalty sampler remembers the tokens it is told were chosen (see sample()).
+        self._stateless = not (penalized and params.repeat_last_n != 0)
+        if not self._stateless:
             penalties = llama_cpp.llama_sampler_init_penalties(
                 n_vocab, params.repeat_last_n, params.repeat_penalty, params.frequency_penalty, params.presence_penalty
             )
@@ -143,7 +145,24 @@ class SamplerChain:
         """Sample (and accept) a token from the logits at ``batch_index`` of the last decode."""
         if self.grammar is None:
             return int(llama_cpp.llama_sampler_sample(self.handle, ctx, batch_index))
-        return self.sample_constrained(llama_cpp.llama_get_logits_ith(ctx, batch_index))
+        # llama.cpp picks (in C, the cheapest way there is), the grammar checks the pick: most often it allows
+        # it. A refused pick has been accepted into the chain: one that remembers picks (penalties) goes back
+        # to a copy made before; then the chain picks again among the allowed tokens, as sample_constrained.
+        backup = None if self._stateless else llama_cpp.llama_sampler_clone(self.handle)
+        token = int(llama_cpp.llama_sampler_sample(self.handle, ctx, batch_index))
+        candidates = self._candidates
+        if candidates.allows(self.grammar, token):
+            if backup is not None:
+                llama_cpp.llama_sampler_free(backup)
+        else:
+            if backup is not None:
+                llama_cpp.llama_sampler_free(self.handle)
+                self.handle = backup
+            candidates.load(llama_cpp.llama_get_logits_ith(ctx, batch_index))
+            token = candidates.pick_allowed(self.handle, self.grammar, self._needed)
+            llama_cpp.llama_sampler_accept(self.handle, token)
+        llama_cpp.llama_sampler_accept(self.grammar, token)
+        return token
 
     def sample_constrained(self, logits: Any) -> int:
         """Sample (and accept) a token the grammar allows from ``logits`` (a float pointer, n_vocab long)."""
@@ -166,7 +185,9 @@ class SamplerChain:
             self.grammar = None
 
 
-LIKELIEST = 256  # tokens the grammar is asked about first when it refuses the chain's pick
+# How many of the likeliest tokens the grammar is asked about when it refuses the chain's pick, in turn, before
+# the whole vocabulary (which takes it milliseconds).
+LIKELIEST = (256, 4096)
 
 
 class _Candidates:
@@ -178,11 +199,15 @@ class _Candidates:
         self.n_vocab = n_vocab
         self.buffer = (llama_cpp.llama_token_data * n_vocab)()
         self.view = np.ctypeslib.as_array(self.buffer)
-        self.ids = np.arange(n_vocab, dtype=np.int32)
+        # Every token in order with probability 0: copied whole over the buffer (samplers sort and cut it in
+        # place), then the logits written in; one copy and one strided write, far cheaper than three.
+        self.blank = np.zeros(n_vocab, dtype=self.view.dtype)
+        self.blank["id"] = np.arange(n_vocab, dtype=np.int32)
         self.array = llama_cpp.llama_token_data_array(self.buffer, n_vocab, -1, False)
         self.pointer = ctypes.byref(self.array)
         self.one = (llama_cpp.llama_token_data * 1)()
         self.one_array = llama_cpp.llama_token_data_array(self.one, 1, -1, False)
+        self.one_pointer = ctypes.byref(self.one_array)
         self._logits: Any = None
 
     def load(self, logits_pointer: Any) -> None:
@@ -192,10 +217,9 @@ class _Candidates:
         self.reload()
 
     def reload(self) -> None:
-        """Every token again, with its logit (samplers sort and cut the array in place)."""
-        self.view["id"] = self.ids
+        """Every token again, with its logit."""
+        ctypes.memmove(self.buffer, self.blank.ctypes.data, self.blank.nbytes)
         self.view["logit"] = self._logits
-        self.view["p"] = 0.0
         self.array.size, self.array.selected, self.array.sorted = self.n_vocab, -1, False
 
     def pick(self, chain: Any) -> int:
@@ -205,27 +229,31 @@ class _Candidates:
     def pick_allowed(self, chain: Any, grammar: Any, needed: int | None) -> int:
         """The chain's pick among the tokens the grammar allows.
 
-        The grammar is first asked about the likeliest ``LIKELIEST`` tokens only (a whole
-        vocabulary takes it milliseconds); when ``needed`` of them are allowed, the chain's pick
-        among them is the one it would make among all, as every token left out is less likely.
+        The grammar is first asked about the likeliest tokens only (256, then 4,096); when
+        ``needed`` of them are allowed, the chain's pick among them is the one it would make
+        among all, as every token left out is less likely. Else it is asked about all.
         """
         import numpy as np
 
-        if needed is not None and needed <= LIKELIEST < self.n_vocab:
-            likeliest = np.argpartition(self._logits, -LIKELIEST)[-LIKELIEST:]
-            self.view["id"][:LIKELIEST] = likeliest
-            self.view["logit"][:LIKELIEST] = self._logits[likeliest]
-            self.view["p"][:LIKELIEST] = 0.0
-            self.array.size, self.array.selected, self.array.sorted = LIKELIEST, -1, False
-            llama_cpp.llama_sampler_apply(grammar, self.pointer)
-            if np.isfinite(self.view["logit"][:LIKELIEST]).sum() >= needed:
-                return self.pick(chain)
+        if needed is not None:
+            for count in LIKELIEST:
+                if not needed <= count < self.n_vocab:
+                    continue
+                likeliest = np.argpartition(self._logits, -count)[-count:]
+                self.view["id"][:count] = likeliest
+                self.view["logit"][:count] = self._logits[likeliest]
+                self.view["p"][:count] = 0.0
+                self.array.size, self.array.selected, self.array.sorted = count, -1, False
+                llama_cpp.llama_sampler_apply(grammar, self.pointer)
+                if np.isfinite(self.view["logit"][:count]).sum() >= needed:
+                    return self.pick(chain)
         self.reload()
         llama_cpp.llama_sampler_apply(grammar, self.pointer)
         return self.pick(chain)
 
     def allows(self, grammar: Any, token: int) -> bool:
-        self.one[0] = llama_cpp.llama_token_data(token, 0.0, 0.0)
+        one = self.one[0]
+        one.id, one.logit, one.p = token, 0.0, 0.0  # type: ignore[assignment]
         self.one_array.size, self.one_array.selected, self.one_array.sorted = 1, -1, False
-        llama_cpp.llama_sampler_apply(grammar, ctypes.byref(self.one_array))
-        return math.isfinite(self.one[0].logit)
+        llama_cpp.llama_sampler_apply(grammar, self.one_pointer)
+        return math.isfinite(one.logit)

@@ -175,6 +175,8 @@ class Scheduler:
         # evaluates only what is new, and other slots can copy those cells instead of evaluating them.
         self.slot_tokens: list[list[int]] = [[] for _ in range(n_slots)]
         self.prefix_hit_tokens = 0  # prompt tokens taken from the cache (own slot or copied), not evaluated
+        self._slot_admitted = [0] * n_slots  # when each slot last took a sequence (admission count; 0: never)
+        self._admissions = 0
 
     def submit(self, request: GenerationRequest) -> Sequence:
         sequence = Sequence(
@@ -227,8 +229,13 @@ class Scheduler:
             sequence = self.waiting.popleft()
             prompt = sequence.request.prompt_tokens
             # The slot holding most of the prompt already; among equals the lowest, so that busy slots
-            # stay consecutive (see _plan).
+            # stay consecutive (see _plan). When none holds a useful part of it, the slot used least
+            # recently (an empty one first): another conversation's cache stays for its next turn.
             slot = max(self.free_slots, key=lambda free: (_common_prefix(self.slot_tokens[free], prompt), -free))
+            if _common_prefix(self.slot_tokens[slot], prompt) < MIN_COPY_TOKENS:
+                slot = min(self.free_slots, key=lambda free: (self._slot_admitted[free], free))
+            self._admissions += 1
+            self._slot_admitted[slot] = self._admissions
             self.free_slots.remove(slot)
             # Keep the shared prefix, but evaluate at least the last prompt token (its logits are
             # needed), in a chunk of MIN_CHUNK_TOKENS.
