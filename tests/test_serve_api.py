@@ -444,6 +444,8 @@ def test_a_long_prompt_does_not_stall_running_streams(store_cli: Cli) -> None:
         gaps = [later - earlier for earlier, later in zip(during, during[1:], strict=False)]
         prefill_s = timing["ended"] - timing["began"]
         assert timing["tokens"] > 1024 and len(during) >= 3, (timing, len(during))
-        assert max(gaps) < 0.5 * prefill_s, (max(gaps), prefill_s)
+        # Fed in three chunks, the longest wait is about 0.4 of the prefill (a loaded machine stretches one chunk
+        # more than others); a stream stalled for the whole prompt would wait all of it.
+        assert max(gaps) < 0.75 * prefill_s, (max(gaps), prefill_s)
     finally:
         serving.stop()
