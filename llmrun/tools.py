@@ -195,6 +195,9 @@ def _call_schema(tools: tuple[Tool, ...], arguments_key: str) -> dict[str, Any]:
 
 
 _MAX_ENUMERATED = 1000
+# Calls in one answer at most: a small model that repeats a call would otherwise write calls until max_tokens
+# cuts the last one short (and the whole answer becomes text).
+MAX_PARALLEL_CALLS = 16
 
 
 def grammar_schema(schema: Any) -> Any:
@@ -231,8 +234,7 @@ def _grammar(fmt: ToolFormat, tools: tuple[Tool, ...], forced: bool, parallel: b
 
     if fmt is ToolFormat.GENERIC:
         calls: dict[str, Any] = {"type": "array", "items": _call_schema(tools, "arguments"), "minItems": 1}
-        if not parallel:
-            calls["maxItems"] = 1
+        calls["maxItems"] = MAX_PARALLEL_CALLS if parallel else 1
         schema: dict[str, Any] = {"type": "object", "properties": {"tool_calls": calls}, "required": ["tool_calls"]}
         if not forced:
             answer = {"type": "object", "properties": {"response": {"type": "string"}}, "required": ["response"]}
@@ -245,7 +247,7 @@ def _grammar(fmt: ToolFormat, tools: tuple[Tool, ...], forced: bool, parallel: b
     if fmt is ToolFormat.MISTRAL_V11:
         named, choices = _named_arguments(tools, '"[ARGS]"')
         call = 'call ::= "[TOOL_CALLS]" (' + " | ".join(choices) + ")"
-        root = "root ::= call+" if parallel else "root ::= call"
+        root = f"root ::= call{{1,{MAX_PARALLEL_CALLS}}}" if parallel else "root ::= call"
         return "\n".join([root, call, *named]), () if forced else (r"[\s\S]*?(\[TOOL_CALLS\])[\s\S]*",)
     if fmt is ToolFormat.HARMONY:
         # One call a message, ended by <|call|> (an end-of-generation token): never parallel. Forced, the
@@ -261,11 +263,11 @@ def _grammar(fmt: ToolFormat, tools: tuple[Tool, ...], forced: bool, parallel: b
         return "\n".join([root, call, header, *named]), () if forced else (r"[\s\S]*?(to=functions\.)[\s\S]*",)
     rules = json_schema_rules(_call_schema(tools, "arguments"), "call", compact=True)
     if fmt is ToolFormat.MISTRAL:
-        more = '("," space call)*' if parallel else ""
+        more = f'("," space call){{0,{MAX_PARALLEL_CALLS - 1}}}' if parallel else ""
         root = f'root ::= "[TOOL_CALLS]" space "[" space call {more} "]" space'
         return f"{root}\n{rules}", () if forced else (r"[\s\S]*?(\[TOOL_CALLS\])[\s\S]*",)
     block = 'tool-call ::= "<tool_call>" "\\n"? call "\\n"? "</tool_call>"'
-    root = 'root ::= tool-call ("\\n"? tool-call)*' if parallel else "root ::= tool-call"
+    root = f'root ::= tool-call ("\\n"? tool-call){{0,{MAX_PARALLEL_CALLS - 1}}}' if parallel else "root ::= tool-call"
     return f"{root}\n{block}\n{rules}", () if forced else (r"[\s\S]*?(<tool_call>)[\s\S]*",)
 
 

@@ -205,6 +205,39 @@ def test_grammars_for_each_format_are_accepted_by_llama_cpp(tiny_model: object) 
         model.close()
 
 
+@pytest.mark.parametrize("template", ["<tool_call>{{ tools }}", "[TOOL_CALLS]{{ tools }}[ARGS]", None])
+def test_parallel_calls_stop_at_the_bound(tiny_model: object, template: str | None) -> None:
+    """A model repeating a call cannot write calls until max_tokens: the grammar ends the answer after 16."""
+    from llmrun.engine.model import Model
+    from llmrun.engine.native import init_native, llama_cpp
+    from llmrun.engine.sampling import _Candidates, grammar_sampler
+    from llmrun.tools import MAX_PARALLEL_CALLS
+
+    init_native()
+    model = Model(tiny_model, 0)  # type: ignore[arg-type]
+    made = plan(list(TOOLS), ToolChoice("required"), True, template, template is not None)
+    one = {
+        ToolFormat.HERMES: '<tool_call>{"name":"add","arguments":{"a":1,"b":2}}</tool_call>',
+        ToolFormat.MISTRAL_V11: '[TOOL_CALLS]add[ARGS]{"a":1,"b":2}',
+        ToolFormat.GENERIC: '{"name":"add","arguments":{"a":1,"b":2}}',
+    }[made.format]
+    calls = [one] * (MAX_PARALLEL_CALLS + 1)
+    text = '{"tool_calls":[' + ",".join(calls) + "]}" if made.format is ToolFormat.GENERIC else "".join(calls)
+    grammar = grammar_sampler(model.vocab, made.grammar or "")
+    candidates = _Candidates(model.n_vocab)
+    try:
+        written = ""
+        for token in model.tokenize(text, add_special=False, parse_special=False):
+            if not candidates.allows(grammar, token):
+                break
+            llama_cpp.llama_sampler_accept(grammar, token)
+            written += model.token_bytes(token).decode()
+        assert written.count('"add"' if made.format is not ToolFormat.MISTRAL_V11 else "add[") == MAX_PARALLEL_CALLS
+    finally:
+        llama_cpp.llama_sampler_free(grammar)
+        model.close()
+
+
 def test_history_reaches_the_template_with_objects_and_the_generic_format_with_instructions() -> None:
     history = [
         {"role": "user", "content": "Weather in Paris?"},
