@@ -137,6 +137,31 @@ def test_an_unrelated_request_leaves_another_conversations_cache_alone(smollm2: 
         assert generation.result.cached_tokens >= len(first) - 2
 
 
+@pytest.mark.parametrize("host_cache_mb", [0, 64])
+def test_a_conversation_whose_slot_was_taken_gets_its_cache_back_from_host_memory(
+    smollm2: Path, host_cache_mb: int
+) -> None:
+    """One slot, two conversations taking turns: with a host cache, each next turn is evaluated only from where
+    it left off, and answers as it would have from scratch."""
+    with Engine(smollm2, LoadOptions(n_ctx=1024, n_slots=1, host_cache_mb=host_cache_mb)) as engine:
+        turn = [{"role": "user", "content": "Tell me about the history of lighthouses on rocky coasts, please."}]
+        first = engine.chat_prompt(turn)
+        answer, _ = generate(engine, first, sampling=GREEDY, max_tokens=48, ignore_eos=True)
+        other = [{"role": "user", "content": "Write a limerick about a cat who sails the sea in a teacup."}]
+        generate(engine, engine.chat_prompt(other), sampling=GREEDY, max_tokens=48, ignore_eos=True)
+        follow_up = engine.chat_prompt([*turn, {"role": "assistant", "content": answer},
+                                        {"role": "user", "content": "And in winter?"}])  # fmt: skip
+        generation = engine.generate(GenerationRequest(tuple(follow_up), GREEDY, max_tokens=6))
+        text = "".join(generation)
+        if host_cache_mb:
+            assert generation.result.cached_tokens >= len(first) - 2
+            assert engine.scheduler.host_cache is not None and engine.scheduler.host_cache.used > 0
+        else:
+            assert generation.result.cached_tokens < len(first) - 2  # at most the system prompt of the template
+    with Engine(smollm2, LoadOptions(n_ctx=1024, n_slots=1)) as fresh:
+        assert generate(fresh, follow_up, sampling=GREEDY, max_tokens=6)[0] == text
+
+
 def test_utf8_split_across_byte_tokens_round_trips(tiny_engine: Engine) -> None:
     text = "naïve café — 日本語のテキスト 😀🎉 done"
     tokens = tiny_engine.model.tokenize(text, add_special=False, parse_special=False)

@@ -61,6 +61,14 @@ def serve_command(
         list[str] | None,
         typer.Option("--cors", help="Allow browser requests from this origin (repeatable; * for any)."),
     ] = None,
+    cache_ram: Annotated[
+        int,
+        typer.Option(
+            "--cache-ram",
+            min=0,
+            help="MiB of host memory per model for prompts whose slot another request took (0: off).",
+        ),
+    ] = 1024,
     no_log: Annotated[bool, typer.Option("--no-log", help="Do not log exchanges (also LLMRUN_NO_LOG=1).")] = False,
     deterministic: Annotated[
         bool,
@@ -89,6 +97,7 @@ def serve_command(
             threads=threads or settings.threads,
             gpu_layers=gpu_layers or settings.gpu_layers,
             deterministic=deterministic,
+            cache_ram_mb=cache_ram,
             keep_alive_s=300.0 if keep_alive_s is None else keep_alive_s,
             max_loaded=max_loaded,
             queue=queue,

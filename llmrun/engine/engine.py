@@ -43,6 +43,7 @@ class LoadOptions:
     cache_type_k: str = "f16"  # a ggml type name: f16, q8_0, q4_0, ...
     cache_type_v: str = "f16"
     flash_attn: bool | None = None  # None: llama.cpp decides (auto)
+    host_cache_mb: int = 0  # slots' KV caches kept in host memory when their slot is taken (see HostCache)
     debug: bool = False
 
 
@@ -158,6 +159,7 @@ class Engine:
             n_batch=options.n_batch,
             n_ubatch=options.n_ubatch,
             unified_kv=False,
+            host_cache_bytes=options.host_cache_mb * 1024 * 1024,
         )
         self._embedding_ctx: Any = None
 

@@ -7,8 +7,9 @@ every new one into a single ``llama_decode`` call.
 
 from __future__ import annotations
 
+import ctypes
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -122,6 +123,8 @@ class Sequence:
 
 # Copying fewer cells than this is not worth a wait or the bookkeeping.
 MIN_COPY_TOKENS = 16
+# A slot's cache is kept in host memory when it is about to lose at least this many tokens (see HostCache).
+MIN_SAVE_TOKENS = 64
 # A prompt chunk holds at least this many tokens, so its tokens are computed as any prompt's are;
 # a lone token takes llama.cpp's one-token path, which rounds differently (see Scheduler.step).
 MIN_CHUNK_TOKENS = 2
@@ -141,6 +144,58 @@ def _common_prefix(cached: list[int] | tuple[int, ...], prompt: tuple[int, ...])
     return length
 
 
+class HostCache:
+    """Slots' KV caches saved in host memory when a new request takes their slot, up to ``budget`` bytes.
+
+    A later prompt that starts like a saved one (a conversation's next turn, after its slot
+    went to another) gets it back into a slot in a copy, instead of evaluating it again: as
+    llama-server's ``--cache-ram``. The least recently used entries go first.
+    """
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.used = 0
+        self.entries: OrderedDict[tuple[int, ...], ctypes.Array[ctypes.c_uint8]] = OrderedDict()
+
+    def best(self, prompt: tuple[int, ...]) -> tuple[tuple[int, ...], int]:
+        """The saved tokens sharing the longest prefix with ``prompt``, and that length."""
+        best: tuple[tuple[int, ...], int] = ((), 0)
+        for tokens in self.entries:
+            shared = _common_prefix(tokens, prompt)
+            if shared > best[1]:
+                best = (tokens, shared)
+        return best
+
+    def save(self, ctx: Any, slot: int, tokens: tuple[int, ...]) -> None:
+        if any(saved[: len(tokens)] == tokens for saved in self.entries):
+            return  # held already, or within a longer entry
+        size = int(llama_cpp.llama_state_seq_get_size(ctx, slot))
+        if size <= 0 or size > self.budget:
+            return
+        state = (ctypes.c_uint8 * size)()
+        if int(llama_cpp.llama_state_seq_get_data(ctx, state, size, slot)) != size:
+            return
+        for saved in [saved for saved in self.entries if tokens[: len(saved)] == saved]:
+            self._drop(saved)  # a shorter start of the same conversation
+        while self.entries and self.used + size > self.budget:
+            self._drop(next(iter(self.entries)))
+        self.entries[tokens] = state
+        self.used += size
+
+    def restore(self, ctx: Any, memory: Any, slot: int, tokens: tuple[int, ...]) -> bool:
+        """Put a saved cache into an empty ``slot``; False when llama.cpp refuses it."""
+        state = self.entries[tokens]
+        self.entries.move_to_end(tokens)
+        if int(llama_cpp.llama_state_seq_set_data(ctx, state, len(state), slot)) == 0:
+            llama_cpp.llama_memory_seq_rm(memory, slot, -1, -1)
+            self._drop(tokens)
+            return False
+        return True
+
+    def _drop(self, tokens: tuple[int, ...]) -> None:
+        self.used -= len(self.entries.pop(tokens))
+
+
 class Scheduler:
     """Runs sequences over the ``n_slots`` sequence ids of one llama.cpp context."""
 
@@ -153,6 +208,7 @@ class Scheduler:
         n_batch: int,
         n_ubatch: int | None = None,
         unified_kv: bool = False,
+        host_cache_bytes: int = 0,
     ) -> None:
         self.model = model
         self.unified_kv = unified_kv
@@ -177,6 +233,7 @@ class Scheduler:
         self.prefix_hit_tokens = 0  # prompt tokens taken from the cache (own slot or copied), not evaluated
         self._slot_admitted = [0] * n_slots  # when each slot last took a sequence (admission count; 0: never)
         self._admissions = 0
+        self.host_cache = HostCache(host_cache_bytes) if host_cache_bytes > 0 else None
 
     def submit(self, request: GenerationRequest) -> Sequence:
         sequence = Sequence(
@@ -240,6 +297,8 @@ class Scheduler:
             # Keep the shared prefix, but evaluate at least the last prompt token (its logits are
             # needed), in a chunk of MIN_CHUNK_TOKENS.
             keep = min(_common_prefix(self.slot_tokens[slot], prompt), _reusable(len(prompt)))
+            if self.host_cache is not None:
+                keep = self._through_host_cache(slot, prompt, keep)
             if not llama_cpp.llama_memory_seq_rm(self.memory, slot, keep, -1):
                 keep = 0  # this memory cannot drop a tail (recurrent models): start over
                 llama_cpp.llama_memory_seq_rm(self.memory, slot, -1, -1)
@@ -251,6 +310,25 @@ class Scheduler:
             if self.n_slots > 1:
                 self._plan_prefix_copy(sequence)
             self.running.append(sequence)
+
+    def _through_host_cache(self, slot: int, prompt: tuple[int, ...], keep: int) -> int:
+        """Save what the slot is about to lose; bring back a saved cache that holds more of the prompt."""
+        cache = self.host_cache
+        assert cache is not None
+        held = self.slot_tokens[slot]
+        if len(held) - keep >= MIN_SAVE_TOKENS:
+            cache.save(self.ctx, slot, tuple(held))
+        saved, shared = cache.best(prompt)
+        shared = min(shared, _reusable(len(prompt)))
+        in_slots = max(_common_prefix(tokens, prompt) for tokens in self.slot_tokens)
+        if shared - max(keep, in_slots) < MIN_COPY_TOKENS:
+            return keep  # the slots hold as much (another slot's cells are copied, see _plan_prefix_copy)
+        llama_cpp.llama_memory_seq_rm(self.memory, slot, -1, -1)
+        if cache.restore(self.ctx, self.memory, slot, saved):
+            self.slot_tokens[slot] = list(saved)
+            return shared
+        self.slot_tokens[slot] = []
+        return 0
 
     def _plan_prefix_copy(self, sequence: Sequence) -> None:
         """Find another slot holding (or about to hold) more of this prompt than its own slot does."""

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 DEFAULT_KEEP_ALIVE_S = 300.0
 DEFAULT_PARALLEL = 4
 DEFAULT_MAX_LOADED = 3  # as Ollama on a CPU
+DEFAULT_CACHE_RAM_MB = 1024
 
 
 class ServerBusy(LlmrunError):
@@ -53,6 +54,7 @@ class PoolOptions:
     max_loaded: int = DEFAULT_MAX_LOADED
     queue: int | None = None  # requests waiting for a slot, per model; None: 4 x parallel
     deterministic: bool = False  # batch-invariant: flash attention off (see _load_engine)
+    cache_ram_mb: int = DEFAULT_CACHE_RAM_MB  # per model: prompts' KV caches kept in host memory
     debug: bool = False
 
     @property
@@ -309,6 +311,7 @@ def _load_engine(name: str, path: Path, options: PoolOptions) -> tuple[Engine, E
             # scheduler's fixed batch shapes (see Scheduler.step) a greedy answer is then the same
             # alone or among others.
             flash_attn=False if options.deterministic else None,
+            host_cache_mb=options.cache_ram_mb,
             debug=options.debug,
         ),
     )
