@@ -155,6 +155,11 @@ def test_ollama_client_chat_generate_and_models(server: Server) -> None:
         ("/v1/completions", json.dumps({"model": "smollm2", "prompt": "word " * 1200}).encode(), 400,
          "context_length_exceeded"),
         ("/api/chat", b"[1, 2]", 400, None),
+        # Model names no file can have: a NUL byte (after "~", a user name), a name too long for a file.
+        ("/v1/embeddings", json.dumps({"model": "~a\u0000b", "input": "x"}).encode(), 400, None),
+        ("/api/show", json.dumps({"model": "x\u0000"}).encode(), 400, None),
+        ("/v1/chat/completions", json.dumps({"model": "m" * 300, "messages": [{"role": "user", "content": "x"}]}
+                                            ).encode(), 404, "model_not_found"),
     ],
 )  # fmt: skip
 def test_bad_requests_get_4xx_and_the_server_keeps_serving(

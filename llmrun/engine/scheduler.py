@@ -523,6 +523,9 @@ class Scheduler:
             sequence.sampler.close()
         self.running.clear()
         self.waiting.clear()
+        if self.host_cache is not None:
+            self.host_cache.entries.clear()
+            self.host_cache.used = 0
         if self.batch is not None:
             llama_cpp.llama_batch_free(self.batch)
             self.batch = None

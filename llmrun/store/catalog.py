@@ -82,6 +82,8 @@ def parse_ref(text: str) -> ModelRef:
     ref = text.strip()
     if not ref:
         raise UsageError("empty model name", "give a model name such as smollm2, or a path to a .gguf file")
+    if any(ord(char) < 32 or ord(char) == 127 for char in ref):
+        raise UsageError(f"model name {ref!r} holds a control character", "give a model name or a path as text")
     if ref.startswith(("./", "../", "/", "~")):
         return ModelRef(text, RefKind.PATH, ref)
     for prefix in HUB_PREFIXES:
