@@ -164,6 +164,9 @@ class ReasoningSplitter:
         return []
 
 
+MAX_HEADER_CHARS = 256  # longer than any harmony header (role, channel, recipient, content type)
+
+
 class HarmonySplitter:
     """Splits gpt-oss's harmony output: messages on channels, ``analysis`` the thinking, the rest the answer.
 
@@ -204,6 +207,9 @@ class HarmonySplitter:
                     self._state, self._kind = "plain", CONTENT
             elif self._state == "header":
                 end = buffer.find("<|message|>")
+                if end < 0 and len(buffer) > MAX_HEADER_CHARS:
+                    self._state, self._kind = "plain", CONTENT  # no header after all: the model left its format
+                    continue
                 if end < 0:
                     self._held = buffer  # a header is a few tokens: wait for all of it
                     return pieces

@@ -75,6 +75,7 @@ RECORDED_FORMATS = [
     (HARMONY, "<|channel|>analysis<|message|>Cut off while thinking", False, "Cut off while thinking", ""),
     (HARMONY, "A model that ignores its format <| entirely", False, "", "A model that ignores its format <| entirely"),
     (HARMONY, "<|channel|>final<|message|>a < b, and <|x|> is text", False, "", "a < b, and <|x|> is text"),
+    (HARMONY, "<|channel|>" + "no marker ever " * 20, False, "", "<|channel|>" + "no marker ever " * 20),
     (HARMONY, "<|channel|>analysis<|message|>Need the weather.<|end|><|start|>assistant<|channel|>commentary "
      'to=functions.get_weather <|constrain|>json<|message|>{"location":"Tokyo"}', False,
      "Need the weather.", 'to=functions.get_weather<|message|>{"location":"Tokyo"}'),
