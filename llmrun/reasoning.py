@@ -22,9 +22,6 @@ CONTENT = "content"
 class Splitter(Protocol):
     """Feeds on output text; gives ``(kind, text)`` pieces, kind ``reasoning`` or ``content``."""
 
-    @property
-    def thinking(self) -> bool: ...
-
     def feed(self, text: str) -> list[tuple[str, str]]: ...
 
     def finish(self) -> list[tuple[str, str]]: ...
@@ -83,16 +80,6 @@ def reasoning_format(template: str | None) -> ReasoningFormat | None:
     return None
 
 
-def thinks(template: str | None) -> bool:
-    """Whether a chat template is a reasoning model's."""
-    return reasoning_format(template) is not None
-
-
-def opened_in_prompt(prompt_text: str, fmt: ReasoningFormat = THINK) -> bool:
-    """Whether the rendered prompt leaves a think block open, so the output starts inside it."""
-    return fmt.opened_in_prompt(prompt_text)
-
-
 class ReasoningSplitter:
     """Splits output whose thinking sits between a pair of tags (``<think>...</think>`` by default).
 
@@ -105,10 +92,6 @@ class ReasoningSplitter:
         self._state = "reasoning" if inside else "start"
         self._held = ""
         self._fresh = True  # no reasoning text yet: its leading whitespace is dropped
-
-    @property
-    def thinking(self) -> bool:
-        return self._state in ("start", "reasoning")
 
     def feed(self, text: str) -> list[tuple[str, str]]:
         pieces: list[tuple[str, str]] = []
@@ -131,7 +114,7 @@ class ReasoningSplitter:
                     buffer, self._state = buffer[end + len(self._close) :], "after"
                     continue
                 # Held back: what may start the closing tag, and trailing whitespace (dropped before it).
-                emit = buffer[: len(buffer) - _partial_suffix(buffer, self._close)].rstrip()
+                emit = buffer[: len(buffer) - partial_suffix(buffer, self._close)].rstrip()
                 self._held = buffer[len(emit) :]
                 self._reason(pieces, emit)
                 return pieces
@@ -187,10 +170,6 @@ class HarmonySplitter:
         self._held = ""
         self._answered = False  # answer text given out: the whitespace between messages is then kept out
 
-    @property
-    def thinking(self) -> bool:
-        return self._state == "between" and not self._answered or self._kind == REASONING and self._state == "body"
-
     def feed(self, text: str) -> list[tuple[str, str]]:
         pieces: list[tuple[str, str]] = []
         buffer = self._held + text
@@ -223,7 +202,7 @@ class HarmonySplitter:
                     skip = len(marker) if marker in ("<|end|>", "<|return|>", "<|call|>") else 0
                     buffer, self._state = buffer[found + skip :], "between"
                     continue
-                keep = max(_partial_suffix(buffer, marker) for marker in self._ENDS)
+                keep = partial_suffix(buffer, *self._ENDS)
                 self._body(pieces, buffer[: len(buffer) - keep])
                 self._held = buffer[len(buffer) - keep :]
                 return pieces
@@ -264,9 +243,13 @@ def _add(pieces: list[tuple[str, str]], kind: str, text: str) -> None:
         pieces.append((kind, text))
 
 
-def _partial_suffix(buffer: str, tag: str) -> int:
-    """The length of the longest end of ``buffer`` that starts ``tag``."""
-    for length in range(min(len(tag) - 1, len(buffer)), 0, -1):
-        if buffer.endswith(tag[:length]):
-            return length
-    return 0
+def partial_suffix(buffer: str, *tags: str) -> int:
+    """The length of the longest end of ``buffer`` that starts one of ``tags`` (text to hold back: it may be
+    the start of a tag cut between tokens)."""
+    longest = 0
+    for tag in tags:
+        for length in range(min(len(tag) - 1, len(buffer)), longest, -1):
+            if buffer.endswith(tag[:length]):
+                longest = length
+                break
+    return longest

@@ -33,6 +33,7 @@ from typing import Any
 
 from llmrun.errors import UsageError
 from llmrun.jsonscan import JsonScanner, Path
+from llmrun.reasoning import partial_suffix
 
 NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}  # a function without arguments
 
@@ -511,7 +512,7 @@ class ToolCallParser:
                 self._start_json(start + found + len(marker))
         else:
             # Hold back what may be the start of the marker, and trailing space (it may precede one).
-            self._emit_content(pieces, rest[: len(rest) - _partial_suffix(rest, marker)].rstrip())
+            self._emit_content(pieces, rest[: len(rest) - partial_suffix(rest, marker)].rstrip())
 
     def _start_json(self, start: int) -> None:
         self._scanner = JsonScanner()
@@ -665,14 +666,6 @@ class ToolCallParser:
             if not isinstance(arguments, dict):
                 return False
         return True
-
-
-def _partial_suffix(text: str, marker: str) -> int:
-    """Length of the longest end of ``text`` that is the start of ``marker``."""
-    for length in range(min(len(marker) - 1, len(text)), 0, -1):
-        if text.endswith(marker[:length]):
-            return length
-    return 0
 
 
 def _complete_escapes(raw: str) -> str:

@@ -27,9 +27,7 @@ from llmrun.reasoning import (
     REASONING,
     THINK,
     ReasoningFormat,
-    opened_in_prompt,
     reasoning_format,
-    thinks,
 )
 from llmrun.tools import Tool, ToolCallParser, ToolFormat, ToolPlan
 
@@ -161,8 +159,10 @@ def test_format_markers_that_are_control_tokens_are_rendered(tmp_path: Path) -> 
 
 
 def test_reasoning_templates_and_open_blocks_are_recognised() -> None:
-    assert thinks(THINKING_TEMPLATE) and not thinks("{{ messages[0].content }}") and not thinks(None)
-    assert opened_in_prompt("<|im_start|>assistant\n<think>\n") and not opened_in_prompt("<think>\n\n</think>\n\n")
+    assert reasoning_format(THINKING_TEMPLATE) == THINK
+    assert reasoning_format("{{ messages[0].content }}") is None and reasoning_format(None) is None
+    assert THINK.opened_in_prompt("<|im_start|>assistant\n<think>\n")
+    assert not THINK.opened_in_prompt("<think>\n\n</think>\n\n")
 
 
 @pytest.fixture(scope="module")
