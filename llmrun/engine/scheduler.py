@@ -288,17 +288,18 @@ class Scheduler:
             # The slot holding most of the prompt already; among equals the lowest, so that busy slots
             # stay consecutive (see _plan). When none holds a useful part of it, the slot used least
             # recently (an empty one first): another conversation's cache stays for its next turn.
-            slot = max(self.free_slots, key=lambda free: (_common_prefix(self.slot_tokens[free], prompt), -free))
-            if _common_prefix(self.slot_tokens[slot], prompt) < MIN_COPY_TOKENS:
+            shared = [_common_prefix(tokens, prompt) for tokens in self.slot_tokens]
+            slot = max(self.free_slots, key=lambda free: (shared[free], -free))
+            if shared[slot] < MIN_COPY_TOKENS:
                 slot = min(self.free_slots, key=lambda free: (self._slot_admitted[free], free))
             self._admissions += 1
             self._slot_admitted[slot] = self._admissions
             self.free_slots.remove(slot)
             # Keep the shared prefix, but evaluate at least the last prompt token (its logits are
             # needed), in a chunk of MIN_CHUNK_TOKENS.
-            keep = min(_common_prefix(self.slot_tokens[slot], prompt), _reusable(len(prompt)))
+            keep = min(shared[slot], _reusable(len(prompt)))
             if self.host_cache is not None:
-                keep = self._through_host_cache(slot, prompt, keep)
+                keep = self._through_host_cache(slot, prompt, keep, in_slots=max(shared))
             if not llama_cpp.llama_memory_seq_rm(self.memory, slot, keep, -1):
                 keep = 0  # this memory cannot drop a tail (recurrent models): start over
                 llama_cpp.llama_memory_seq_rm(self.memory, slot, -1, -1)
@@ -311,8 +312,9 @@ class Scheduler:
                 self._plan_prefix_copy(sequence)
             self.running.append(sequence)
 
-    def _through_host_cache(self, slot: int, prompt: tuple[int, ...], keep: int) -> int:
-        """Save what the slot is about to lose; bring back a saved cache that holds more of the prompt."""
+    def _through_host_cache(self, slot: int, prompt: tuple[int, ...], keep: int, in_slots: int) -> int:
+        """Save what the slot is about to lose; bring back a saved cache that holds more of the prompt than
+        ``keep`` and than any slot (``in_slots`` of its tokens)."""
         cache = self.host_cache
         assert cache is not None
         held = self.slot_tokens[slot]
@@ -320,7 +322,6 @@ class Scheduler:
             cache.save(self.ctx, slot, tuple(held))
         saved, shared = cache.best(prompt)
         shared = min(shared, _reusable(len(prompt)))
-        in_slots = max(_common_prefix(tokens, prompt) for tokens in self.slot_tokens)
         if shared - max(keep, in_slots) < MIN_COPY_TOKENS:
             return keep  # the slots hold as much (another slot's cells are copied, see _plan_prefix_copy)
         llama_cpp.llama_memory_seq_rm(self.memory, slot, -1, -1)
