@@ -169,21 +169,19 @@ def test_reasoning_templates_and_open_blocks_are_recognised() -> None:
 def cli(tmp_path_factory: pytest.TempPathFactory, smollm2: Path) -> Cli:
     """A store with SmolLM2 and "thinker", SmolLM2 under a template that thinks."""
     folder = tmp_path_factory.mktemp("thinker")
-    (folder / "template.jinja").write_text(THINKING_TEMPLATE)
-    thinker = folder / "thinker.gguf"
-    subprocess.run(
-        [sys.executable, "-m", "gguf.scripts.gguf_new_metadata", str(smollm2), str(thinker),
-         "--chat-template-file", str(folder / "template.jinja"), "--force"],
-        check=True, capture_output=True,
-    )  # fmt: skip
+
+    def smollm2_with(template: str, name: str) -> Path:
+        (folder / f"{name}.jinja").write_text(template)
+        subprocess.run(
+            [sys.executable, "-m", "gguf.scripts.gguf_new_metadata", str(smollm2), str(folder / f"{name}.gguf"),
+             "--chat-template-file", str(folder / f"{name}.jinja"), "--force"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        return folder / f"{name}.gguf"
+
+    thinker = smollm2_with(THINKING_TEMPLATE, "thinker")
     # Qwen3's own template: it keeps the thinking of the turns after the user's last question (a tool loop).
-    (folder / "qwen3.jinja").write_text(llama_cpp_templates()["Qwen-Qwen3-0.6B.jinja"])
-    qwen3 = folder / "qwen3.gguf"
-    subprocess.run(
-        [sys.executable, "-m", "gguf.scripts.gguf_new_metadata", str(smollm2), str(qwen3),
-         "--chat-template-file", str(folder / "qwen3.jinja"), "--force"],
-        check=True, capture_output=True,
-    )  # fmt: skip
+    qwen3 = smollm2_with(llama_cpp_templates()["Qwen-Qwen3-0.6B.jinja"], "qwen3")
     cli = Cli(tmp_path_factory.mktemp("thinker-home"))
     assert cli("import", str(smollm2), "--name", "smollm2", "--link").returncode == 0
     assert cli("import", str(thinker), "--name", "thinker").returncode == 0
