@@ -88,6 +88,9 @@ class ToolPlan:
     triggers: tuple[str, ...]  # regexes that start a lazy grammar; empty: it holds from the first token
     template_tools: bool  # the template renders the tools itself; else a system message describes them
     parallel: bool
+    # What every answer must start with (a forced call to one tool, up to its arguments): it is put at the end
+    # of the prompt, evaluated with it instead of generated token by token, and the grammar holds what follows.
+    lead: str = ""
 
     @property
     def constrained(self) -> bool:
@@ -169,8 +172,16 @@ def detect_format(template: str | None, template_tools: bool) -> ToolFormat:
     return ToolFormat.GENERIC
 
 
-def plan(tools: list[Tool], choice: ToolChoice, parallel: bool, template: str | None, template_tools: bool) -> ToolPlan:
-    """The format, grammar and prompt handling for a request with ``tools``."""
+def plan(
+    tools: list[Tool],
+    choice: ToolChoice,
+    parallel: bool,
+    template: str | None,
+    template_tools: bool,
+    may_lead: bool = True,
+) -> ToolPlan:
+    """The format, grammar and prompt handling for a request with ``tools``; ``may_lead``: a call forced to one tool
+    may start in the prompt (see ``ToolPlan.lead``)."""
     check_tools(tools, choice)
     fmt = detect_format(template, template_tools)
     if fmt is ToolFormat.GENERIC:
@@ -179,7 +190,11 @@ def plan(tools: list[Tool], choice: ToolChoice, parallel: bool, template: str | 
     if choice.mode == "none" or not offered:
         return ToolPlan(fmt, tuple(tools), None, (), template_tools, parallel)
     forced = choice.mode in ("required", "function")
-    grammar, triggers = _grammar(fmt, offered, forced, parallel and choice.mode != "function")
+    parallel_calls = parallel and choice.mode != "function"
+    if forced and may_lead and len(offered) == 1:
+        lead, grammar = _lead_and_grammar(fmt, offered[0], parallel_calls)
+        return ToolPlan(fmt, tuple(tools), grammar, (), template_tools, parallel, lead)
+    grammar, triggers = _grammar(fmt, offered, forced, parallel_calls)
     return ToolPlan(fmt, tuple(tools), grammar, triggers, template_tools, parallel)
 
 
@@ -270,6 +285,63 @@ def _grammar(fmt: ToolFormat, tools: tuple[Tool, ...], forced: bool, parallel: b
     block = 'tool-call ::= "<tool_call>" "\\n"? call "\\n"? "</tool_call>"'
     root = f'root ::= tool-call ("\\n"? tool-call){{0,{MAX_PARALLEL_CALLS - 1}}}' if parallel else "root ::= tool-call"
     return f"{root}\n{block}\n{rules}", () if forced else (r"[\s\S]*?(<tool_call>)[\s\S]*",)
+
+
+def _lead_and_grammar(fmt: ToolFormat, tool: Tool, parallel: bool) -> tuple[str, str]:
+    """A forced call to ``tool``: the text every answer starts with, up to the arguments, and the grammar of the rest.
+
+    The lead is the family's own call opening in the spacing its models write; the grammar
+    takes the arguments (``args0``) from there, then the close of the call and, where calls
+    may be parallel, further calls as ``_grammar`` writes them.
+    """
+    from llmrun.engine.sampling import json_schema_rules
+
+    name = json.dumps(tool.name)
+    args, _ = _named_arguments((tool,), "")
+    more = ""
+    if fmt is ToolFormat.GENERIC:
+        lead, close = f'{{"tool_calls": [{{"name": {name}, "arguments":', '"}" space'
+        if parallel:
+            args += json_schema_rules(_call_schema((tool,), "arguments"), "call", compact=True).splitlines()
+            more = f' ("," space call){{0,{MAX_PARALLEL_CALLS - 1}}}'
+        root = f'root ::= space args0 {close}{more} "]" space "}}" space'
+    elif fmt is ToolFormat.HERMES:
+        lead = f'<tool_call>\n{{"name": {name}, "arguments":'
+        if parallel:
+            args += json_schema_rules(_call_schema((tool,), "arguments"), "call", compact=True).splitlines()
+            args.append('tool-call ::= "<tool_call>" "\\n"? call "\\n"? "</tool_call>"')
+            more = f' ("\\n"? tool-call){{0,{MAX_PARALLEL_CALLS - 1}}}'
+        root = f'root ::= space args0 "}}" "\\n"? "</tool_call>"{more}'
+    elif fmt is ToolFormat.LLAMA3:
+        lead = f'{{"name": {name}, "parameters":'
+        root = 'root ::= space args0 "}" space'
+    elif fmt is ToolFormat.MISTRAL:
+        lead = f'[TOOL_CALLS][{{"name": {name}, "arguments":'
+        if parallel:
+            args += json_schema_rules(_call_schema((tool,), "arguments"), "call", compact=True).splitlines()
+            more = f' ("," space call){{0,{MAX_PARALLEL_CALLS - 1}}}'
+        root = f'root ::= space args0 "}}" space{more} "]" space'
+    elif fmt is ToolFormat.MISTRAL_V11:
+        lead = f"[TOOL_CALLS]{tool.name}[ARGS]"
+        if parallel:
+            args.append(f'call ::= "[TOOL_CALLS]" {name} "[ARGS]" args0')
+            more = f" call{{0,{MAX_PARALLEL_CALLS - 1}}}"
+        root = f"root ::= args0{more}"
+    else:  # HARMONY: one call a message
+        lead = f"<|channel|>commentary to=functions.{tool.name} <|constrain|>json<|message|>"
+        root = "root ::= args0"
+    return lead, "\n".join([root, *_merged(args)])
+
+
+def _merged(lines: list[str]) -> list[str]:
+    """GBNF rules from several conversions, each once (helpers such as ``space`` come with every one)."""
+    rules: dict[str, str] = {}
+    for line in lines:
+        name, _, body = line.partition(" ::= ")
+        if name in rules and rules[name] != body:
+            raise UsageError(f"the grammar rule {name!r} clashes with another", "rename the tool")
+        rules[name] = body
+    return [f"{name} ::= {body}" for name, body in rules.items()]
 
 
 def _named_arguments(tools: tuple[Tool, ...], between: str) -> tuple[list[str], list[str]]:

@@ -135,6 +135,26 @@ def test_forced_calls_parse_and_match_their_schema_streamed_or_not(server: Serve
     ] == calls
 
 
+@pytest.mark.parametrize("model", ["smollm2", "hermes-tiny"])
+def test_a_call_forced_to_one_tool_opens_in_the_prompt(server: Server, model: str) -> None:
+    """Its opening (up to the arguments) is evaluated with the prompt, not generated: the same call takes fewer
+    generated tokens than when it is written whole (as with log-probabilities asked, which every token needs)."""
+    client = server.openai(timeout=120)
+    options = {"model": model, "messages": ASK, "tools": TOOLS[1:], "tool_choice": "required", "temperature": 0,
+               "max_tokens": 400, "parallel_tool_calls": False}  # fmt: skip
+    led = client.chat.completions.create(**options)  # type: ignore[call-overload]
+    whole = client.chat.completions.create(**options, logprobs=True)  # type: ignore[call-overload]
+    for answer in (led, whole):
+        assert answer.choices[0].finish_reason == "tool_calls", answer
+        assert [check_call(call)["name"] for call in answer.choices[0].message.tool_calls] == ["get_forecast"]
+    assert whole.usage.completion_tokens > led.usage.completion_tokens
+    assert led.usage.prompt_tokens > whole.usage.prompt_tokens  # the opening counts as prompt
+    # max_tokens bounds what is generated: a call it cuts short is text, never a broken call.
+    short = client.chat.completions.create(**{**options, "max_tokens": 3})  # type: ignore[call-overload]
+    assert short.usage.completion_tokens <= 3 and short.choices[0].finish_reason == "length"
+    assert not short.choices[0].message.tool_calls and short.choices[0].message.content
+
+
 def test_a_tool_result_fed_back_yields_an_answer(server: Server) -> None:
     client = server.openai(timeout=120)
     first = client.chat.completions.create(

@@ -8,6 +8,7 @@ import random
 import pytest
 
 from llmrun.errors import UsageError
+from llmrun.reasoning import CONTENT, HARMONY
 from llmrun.tools import (
     ArgumentsPiece,
     CallStart,
@@ -258,3 +259,83 @@ def test_history_reaches_the_template_with_objects_and_the_generic_format_with_i
     assert json.loads(prepared[2]["content"]) == {"tool_calls": [{"name": "get_weather",
                                                                    "arguments": {"location": "Paris"}}]}  # fmt: skip
     assert json.loads(prepared[3]["content"]) == {"tool_response": {"tool": "get_weather", "content": "18 C"}}
+
+
+# A call forced to one tool: its opening is the lead (in the prompt), what the model writes after it, and a
+# second call where calls may be parallel.
+AFTER_LEAD = {
+    ToolFormat.GENERIC: (' {"a": 1, "b": 2}}]}', ' {"a": 1, "b": 2}}, {"name": "add", "arguments": {"a": 3}}]}'),
+    ToolFormat.HERMES: (
+        ' {"a": 1, "b": 2}}\n</tool_call>',
+        ' {"a": 1, "b": 2}}\n</tool_call>\n<tool_call>\n{"name": "add", "arguments": {"a": 3}}\n</tool_call>',
+    ),
+    ToolFormat.LLAMA3: (' {"a": 1, "b": 2}}', None),
+    ToolFormat.MISTRAL: (' {"a": 1, "b": 2}}]', ' {"a": 1, "b": 2}}, {"name": "add", "arguments": {"a": 3}}]'),
+    ToolFormat.MISTRAL_V11: ('{"a": 1, "b": 2}', '{"a": 1, "b": 2}[TOOL_CALLS]add[ARGS]{"a": 3}'),
+    ToolFormat.HARMONY: ('{"a": 1, "b": 2}', None),
+}
+FORMAT_TEMPLATES = {
+    ToolFormat.HERMES: "<tool_call>{{ tools }}",
+    ToolFormat.MISTRAL: "[TOOL_CALLS]{{ tools }}",
+    ToolFormat.MISTRAL_V11: "[TOOL_CALLS]{{ tools }}[ARGS]",
+    ToolFormat.HARMONY: "<|channel|>commentary to=functions.{{ tools }}",
+    ToolFormat.LLAMA3: "<|python_tag|>{{ tools }}",
+    ToolFormat.GENERIC: None,
+}
+
+
+@pytest.mark.parametrize("fmt", list(ToolFormat), ids=[fmt.value for fmt in ToolFormat])
+def test_a_call_forced_to_one_tool_starts_in_the_prompt_and_the_grammar_holds_the_rest(
+    tiny_model: object, fmt: ToolFormat
+) -> None:
+    from llmrun.engine.model import Model
+    from llmrun.engine.native import init_native, llama_cpp
+    from llmrun.engine.sampling import _Candidates, grammar_sampler
+
+    init_native()
+    model = Model(tiny_model, 0)  # type: ignore[arg-type]
+    candidates = _Candidates(model.n_vocab)
+
+    def grammar_takes(grammar_text: str, text: str) -> bool:
+        """The grammar allows every token of ``text`` and then the end of the answer."""
+        grammar = grammar_sampler(model.vocab, grammar_text)
+        try:
+            for token in model.tokenize(text, add_special=False, parse_special=False):
+                if not candidates.allows(grammar, token):
+                    return False
+                llama_cpp.llama_sampler_accept(grammar, token)
+            return candidates.allows(grammar, model.eos_token)
+        finally:
+            llama_cpp.llama_sampler_free(grammar)
+
+    template = FORMAT_TEMPLATES[fmt]
+    one, two = AFTER_LEAD[fmt]
+    try:
+        for choice, parallel in ((ToolChoice("function", "add"), True), (ToolChoice("required"), True),
+                                 (ToolChoice("required"), False)):  # fmt: skip
+            offered = [ADD] if choice.mode == "required" else list(TOOLS)
+            made = plan(offered, choice, parallel, template, template is not None)
+            assert made.format is fmt and made.lead and not made.triggers
+            assert grammar_takes(made.grammar or "", one)
+            parser = ToolCallParser(made)
+            if fmt is ToolFormat.HARMONY:  # its channels go through the reasoning splitter first, as in serve
+                splitter = HARMONY.splitter(False)
+                parts = splitter.feed(made.lead) + splitter.feed(one) + splitter.finish()
+                parser.feed("".join(text for kind, text in parts if kind == CONTENT))
+            else:
+                parser.feed(made.lead)
+                parser.feed(one)
+            parser.finish()
+            assert [(call.name, json.loads(call.arguments)) for call in parser.tool_calls] == [
+                ("add", {"a": 1, "b": 2})
+            ]
+            assert parser.final_content() == ""
+            if two is not None:
+                parallel_calls = parallel and choice.mode == "required"
+                assert grammar_takes(made.grammar or "", two) is parallel_calls
+                assert not grammar_takes(made.grammar or "", one[:-1])  # a call cut short is not an answer
+        # Not for several tools, nor when the lead is not wanted.
+        assert not plan(list(TOOLS), ToolChoice("required"), True, template, template is not None).lead
+        assert not plan([ADD], ToolChoice("required"), True, template, template is not None, may_lead=False).lead
+    finally:
+        model.close()

@@ -13,7 +13,7 @@ import asyncio
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -122,6 +122,9 @@ class Prepared:
     tools: ToolPlan | None = None  # set when the output is parsed for tool calls
     reasoning: ReasoningFormat | None = None  # a reasoning model's output is split in this format
     reasoning_inside: bool = False  # and starts inside its thinking (the prompt opened it)
+    # The start of every answer, at the end of the prompt instead of generated (see ToolPlan.lead): evaluated and
+    # counted with the prompt, and streamed first as the answer's own text.
+    lead: str = ""
 
 
 class Stream:
@@ -142,14 +145,16 @@ class Stream:
         self._content: list[list[str]] = [[] for _ in range(request.n)]
         self._reasoning: list[list[str]] = [[] for _ in range(request.n)]
         self.prompt_tokens = 0  # known once the prompt is prepared, before any output
+        self._lead = ""
 
     def _start(self, prepared: Prepared) -> None:
         from llmrun.engine import GenerationRequest
 
-        self.prompt_tokens = len(prepared.prompt_tokens)
-        mailbox = _mailbox(asyncio.get_running_loop())
         request = self.request
-        sampling = self.request.sampling or _default_sampling()
+        self.prompt_tokens = len(prepared.prompt_tokens)
+        self._lead = prepared.lead
+        mailbox = _mailbox(asyncio.get_running_loop())
+        sampling = request.sampling or _default_sampling()
         for index in range(request.n):
             choice_sampling = sampling
             if prepared.grammar is not None:
@@ -178,57 +183,70 @@ class Stream:
 
     async def __aiter__(self) -> AsyncIterator[Event]:
         try:
+            if self._lead:
+                from llmrun.engine.worker import SequenceUpdate
+
+                for index in range(self.request.n):
+                    for event in self._events(index, SequenceUpdate(self._lead)):
+                        yield event
             while self._open:
                 index, update = await self._queue.get()
-                content = update.text
-                if self._splitters:
-                    split = self._splitters[index].feed(update.text) if update.text else []
-                    if update.result is not None:
-                        split += self._splitters[index].finish()
-                    thought = "".join(text for kind, text in split if kind == REASONING)
-                    content = "".join(text for kind, text in split if kind == CONTENT)
-                    self._content[index].append(content)
-                    if thought:
-                        self._reasoning[index].append(thought)
-                        yield ReasoningDelta(index, thought)
-                parser = self._parsers[index] if self._parsers else None
-                if parser is None:
-                    if content or update.logprobs:
-                        yield TextDelta(index, content, update.logprobs)
-                else:
-                    pieces = parser.feed(content) if content else []
-                    if update.result is not None:
-                        pieces += parser.finish()
-                    for event in _tool_events(index, pieces, update.logprobs):
-                        yield event
-                if update.result is not None:
-                    self._open -= 1
-                    result = update.result
-                    calls: tuple[ToolCall, ...] = ()
-                    text, reason = result.text, result.finish_reason
-                    if self._splitters:
-                        text = "".join(self._content[index])
-                    if parser is not None:
-                        text, calls = parser.final_content(), tuple(parser.tool_calls)
-                        if calls and reason == "stop":
-                            reason = "tool_calls"
-                    finished = Finished(
-                        index=index,
-                        finish_reason=reason,
-                        text=text,
-                        usage=Usage(result.prompt_tokens, result.completion_tokens, result.cached_tokens),
-                        time_to_first_token_s=result.time_to_first_token_s,
-                        generation_s=result.generation_s,
-                        total_s=result.total_s,
-                        error=update.error,
-                        tool_calls=calls,
-                        stop_sequence=result.stop_sequence,
-                        reasoning="".join(self._reasoning[index]),
-                    )
-                    self._pool.finished(self.request, self.model.name, finished)
-                    yield finished
+                for event in self._events(index, update):
+                    yield event
         finally:
             self.close()
+
+    def _events(self, index: int, update: SequenceUpdate) -> Iterator[Event]:
+        """One choice's update as events: its text split into thinking, answer and calls, and at the end how it
+        finished."""
+        content = update.text
+        if self._splitters:
+            split = self._splitters[index].feed(update.text) if update.text else []
+            if update.result is not None:
+                split += self._splitters[index].finish()
+            thought = "".join(text for kind, text in split if kind == REASONING)
+            content = "".join(text for kind, text in split if kind == CONTENT)
+            self._content[index].append(content)
+            if thought:
+                self._reasoning[index].append(thought)
+                yield ReasoningDelta(index, thought)
+        parser = self._parsers[index] if self._parsers else None
+        if parser is None:
+            if content or update.logprobs:
+                yield TextDelta(index, content, update.logprobs)
+        else:
+            pieces = parser.feed(content) if content else []
+            if update.result is not None:
+                pieces += parser.finish()
+            yield from _tool_events(index, pieces, update.logprobs)
+        if update.result is None:
+            return
+        self._open -= 1
+        result = update.result
+        calls: tuple[ToolCall, ...] = ()
+        text, reason = result.text, result.finish_reason
+        if self._splitters:
+            text = "".join(self._content[index])
+        if parser is not None:
+            text, calls = parser.final_content(), tuple(parser.tool_calls)
+            if calls and reason == "stop":
+                reason = "tool_calls"
+        usage = Usage(result.prompt_tokens, result.completion_tokens, result.cached_tokens)
+        finished = Finished(
+            index=index,
+            finish_reason=reason,
+            text=text,
+            usage=usage,
+            time_to_first_token_s=result.time_to_first_token_s,
+            generation_s=result.generation_s,
+            total_s=result.total_s,
+            error=update.error,
+            tool_calls=calls,
+            stop_sequence=result.stop_sequence,
+            reasoning="".join(self._reasoning[index]),
+        )
+        self._pool.finished(self.request, self.model.name, finished)
+        yield finished
 
     def close(self) -> None:
         """Cancel unfinished answers and give the model back to the pool (once)."""
@@ -319,7 +337,11 @@ def prepare(engine: Engine, request: InferenceRequest) -> Prepared:
         template = engine.model.chat_template
         if request.tools:
             supports = bool(template) and template_supports_tools(template or "")
-            tool_plan = plan(list(request.tools), request.tool_choice, request.parallel_tool_calls, template, supports)
+            # No lead where the answer has a start of its own (a prefill) or every token's log-probability is asked.
+            may_lead = not request.prefill and request.logprobs is None
+            tool_plan = plan(
+                list(request.tools), request.tool_choice, request.parallel_tool_calls, template, supports, may_lead
+            )
             if tool_plan.constrained and (request.json_schema is not None or request.json_any):
                 raise UsageError("tools and a JSON response format cannot be combined", "send one of them")
         messages = prompt_messages(request.messages, tool_plan, request.tool_choice)
@@ -336,6 +358,8 @@ def prepare(engine: Engine, request: InferenceRequest) -> Prepared:
         tokens = engine.chat_tokens(chat)
         if request.prefill:
             tokens += engine.model.tokenize(request.prefill, add_special=False, parse_special=False)
+        if tool_plan is not None and tool_plan.lead:
+            tokens += engine.model.tokenize(tool_plan.lead, add_special=False, parse_special=True)
         if fmt is not None and (fmt.harmony or not forced):  # harmony's calls are read through its splitter too
             reasoning, inside = fmt, fmt.opened_in_prompt(chat.text + request.prefill)
     elif request.prompt is not None:
@@ -347,7 +371,8 @@ def prepare(engine: Engine, request: InferenceRequest) -> Prepared:
         raise UsageError(f"max tokens must be at least 1, not {request.max_tokens}", "leave it out for no limit")
     if tool_plan is not None and tool_plan.grammar is not None:
         check_grammar(engine.model.vocab, tool_plan.grammar, tool_plan.triggers)
-        return Prepared(tuple(tokens), tool_plan.grammar, tool_plan.triggers, tool_plan, reasoning, inside)
+        return Prepared(tuple(tokens), tool_plan.grammar, tool_plan.triggers, tool_plan, reasoning, inside,
+                        tool_plan.lead)  # fmt: skip
     grammar = None
     if request.json_schema is not None or request.json_any:
         grammar = json_schema_grammar(request.json_schema)
