@@ -300,11 +300,11 @@ def _lead_and_grammar(fmt: ToolFormat, tool: Tool, parallel: bool) -> tuple[str,
     args, _ = _named_arguments((tool,), "")
     more = ""
     if fmt is ToolFormat.GENERIC:
-        lead, close = f'{{"tool_calls": [{{"name": {name}, "arguments":', '"}" space'
+        lead = f'{{"tool_calls": [{{"name": {name}, "arguments":'
         if parallel:
             args += json_schema_rules(_call_schema((tool,), "arguments"), "call", compact=True).splitlines()
             more = f' ("," space call){{0,{MAX_PARALLEL_CALLS - 1}}}'
-        root = f'root ::= space args0 {close}{more} "]" space "}}" space'
+        root = f'root ::= space args0 "}}" space{more} "]" space "}}" space'
     elif fmt is ToolFormat.HERMES:
         lead = f'<tool_call>\n{{"name": {name}, "arguments":'
         if parallel:
@@ -334,12 +334,13 @@ def _lead_and_grammar(fmt: ToolFormat, tool: Tool, parallel: bool) -> tuple[str,
 
 
 def _merged(lines: list[str]) -> list[str]:
-    """GBNF rules from several conversions, each once (helpers such as ``space`` come with every one)."""
+    """GBNF rules from several conversions, each once: rules are named by path under their top rule (``args0``,
+    ``call``), and helpers such as ``space`` come with every conversion."""
     rules: dict[str, str] = {}
     for line in lines:
         name, _, body = line.partition(" ::= ")
         if name in rules and rules[name] != body:
-            raise UsageError(f"the grammar rule {name!r} clashes with another", "rename the tool")
+            raise UsageError(f"the tools' grammars clash on the rule {name!r}", "rename the tool")
         rules[name] = body
     return [f"{name} ::= {body}" for name, body in rules.items()]
 
@@ -349,16 +350,12 @@ def _named_arguments(tools: tuple[Tool, ...], between: str) -> tuple[list[str], 
     of each tool's arguments (``args<N>``), and one choice per tool."""
     from llmrun.engine.sampling import json_schema_rules
 
-    rules: dict[str, str] = {}
+    lines: list[str] = []
     choices = []
     for number, tool in enumerate(tools):
-        for line in json_schema_rules(grammar_schema(tool.parameters), f"args{number}", compact=True).splitlines():
-            name, _, body = line.partition(" ::= ")
-            if name in rules and rules[name] != body:  # rules are named by path under args<N>; the rest are shared
-                raise UsageError(f"the grammar for tool {tool.name!r} clashes with another's", "rename the tool")
-            rules[name] = body
+        lines += json_schema_rules(grammar_schema(tool.parameters), f"args{number}", compact=True).splitlines()
         choices.append(f"{json.dumps(tool.name)} {between} args{number}")
-    return [f"{name} ::= {body}" for name, body in rules.items()], choices
+    return _merged(lines), choices
 
 
 def system_prompt(plan: ToolPlan, choice: ToolChoice) -> str:
