@@ -14,7 +14,8 @@ Formats:
     message and the whole answer is JSON, ``{"tool_calls": [...]}`` or ``{"response": "..."}``.
 
 With ``tool_choice`` "required" or a named function the grammar holds from the first token,
-so even a tiny model returns a call whose arguments match the schema. With "auto" the
+so even a tiny model returns a call whose arguments match the schema; when that leaves one
+tool, the call's opening is the plan's ``lead``, evaluated with the prompt, not generated. With "auto" the
 grammar is lazy: text is free until the family's opening marker, and from there the call
 is constrained. Output that still cannot be parsed (cut by ``max_tokens``) is answer text,
 never a broken call.
