@@ -2,8 +2,9 @@
 """Benchmark `llmrun serve` under concurrency against native llama-server and llama-cpp-python's server.
 
 For each model, with the same threads, per-request context and prompts, all servers are
-started, then every measurement runs on each server in turn (an idle server uses no CPU),
-round after round, so drift in the machine's load hits all of them alike:
+started, then every measurement runs on each server in turn (an idle server uses no CPU; odd
+rounds take them in the other order), round after round, so drift in the machine's load hits
+all of them alike; the report adds llmrun / llama-server for each cell round by round:
 
   * llmrun: `llmrun serve MODEL --parallel 8 --ctx CTX --threads T --no-log`;
   * llama-server: `llama-server -m MODEL --parallel 8 -c 8*CTX -t T` built from the llama.cpp
@@ -307,8 +308,10 @@ def bench_model(model: Path, args: argparse.Namespace, bin_dir: Path) -> dict[st
         servers = servers_for(model, args.threads, args.ctx, bin_dir, Path(home_dir), set(args.skip))
         with started(servers, notes) as running:
             for round_index in range(args.rounds):
+                # Odd rounds take the servers in the other order: no server always runs just after another.
+                order = running if round_index % 2 == 0 else running[::-1]
                 for concurrency in args.concurrency:
-                    for server in running:
+                    for server in order:
                         outcome = asyncio.run(load(server, concurrency))
                         results.setdefault(server.name, {}).setdefault(f"c{concurrency}", []).append(outcome)
                         print(f"  round {round_index + 1} {server.name:<17} C={concurrency:<3} "
@@ -316,7 +319,7 @@ def bench_model(model: Path, args: argparse.Namespace, bin_dir: Path) -> dict[st
                               f"p95 {outcome['ttft_p95']:.3f}s  ({outcome['tokens']} tokens)", flush=True)  # fmt: skip
                 if args.no_shared_prefix:
                     continue
-                for server in running:
+                for server in order:
                     outcome = asyncio.run(shared_prefix(server, f"{round_index}-{time.time_ns()}", n_rules))
                     results[server.name].setdefault("shared", []).append(outcome)
                     print(f"  round {round_index + 1} {server.name:<17} shared 1k prefix x8: TTFT p50 "
@@ -338,6 +341,7 @@ def report(model: Path, data: dict[str, Any], concurrency: list[int], shared_tok
     lines = [f"\n## {model.name}\n", "| C | " + " | ".join(f"{name} tok/s" for name in names)
              + " | llmrun / llama-server | " + " | ".join(f"{name} TTFT p50 / p95 (s)" for name in names)
              + " | TTFT p50 ratio |", "|---" * (3 + 2 * len(names)) + "|"]  # fmt: skip
+    paired: list[str] = []
     for c in concurrency:
         key = f"c{c}"
         cells = [f"{median_of(results[name][key], 'tok_s'):.1f}" if key in results[name] else "-" for name in names]
@@ -348,7 +352,11 @@ def report(model: Path, data: dict[str, Any], concurrency: list[int], shared_tok
         if key in ours and key in native:
             ratio = f"{median_of(ours[key], 'tok_s') / median_of(native[key], 'tok_s'):.2f}x"
             ttft_ratio = f"{median_of(ours[key], 'ttft_p50') / median_of(native[key], 'ttft_p50'):.2f}x"
+            pairs = zip(ours[key], native[key], strict=False)
+            paired.append(f"C={c} " + " ".join(f"{mine['tok_s'] / theirs['tok_s']:.2f}x" for mine, theirs in pairs))
         lines.append(f"| {c} | " + " | ".join(cells) + f" | {ratio} | " + " | ".join(ttfts) + f" | {ttft_ratio} |")
+    if paired:  # the same cell in the same round: a pair the machine's drift between rounds does not split
+        lines.append("\nllmrun / llama-server tok/s, round by round: " + "; ".join(paired))
     if all("shared" in results[name] for name in names):
         shared = [f"{name} {median_of(results[name]['shared'], 'ttft_p50'):.2f} / "
                   f"{median_of(results[name]['shared'], 'ttft_p95'):.2f}" for name in names]  # fmt: skip
