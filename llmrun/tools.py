@@ -299,17 +299,17 @@ def _lead_and_grammar(fmt: ToolFormat, tool: Tool, parallel: bool) -> tuple[str,
 
     name = json.dumps(tool.name)
     args, _ = _named_arguments((tool,), "")
+    if parallel and fmt in (ToolFormat.GENERIC, ToolFormat.HERMES, ToolFormat.MISTRAL):  # further calls, whole
+        args += json_schema_rules(_call_schema((tool,), "arguments"), "call", compact=True).splitlines()
     more = ""
     if fmt is ToolFormat.GENERIC:
         lead = f'{{"tool_calls": [{{"name": {name}, "arguments":'
         if parallel:
-            args += json_schema_rules(_call_schema((tool,), "arguments"), "call", compact=True).splitlines()
             more = f' ("," space call){{0,{MAX_PARALLEL_CALLS - 1}}}'
         root = f'root ::= space args0 "}}" space{more} "]" space "}}" space'
     elif fmt is ToolFormat.HERMES:
         lead = f'<tool_call>\n{{"name": {name}, "arguments":'
         if parallel:
-            args += json_schema_rules(_call_schema((tool,), "arguments"), "call", compact=True).splitlines()
             args.append('tool-call ::= "<tool_call>" "\\n"? call "\\n"? "</tool_call>"')
             more = f' ("\\n"? tool-call){{0,{MAX_PARALLEL_CALLS - 1}}}'
         root = f'root ::= space args0 "}}" "\\n"? "</tool_call>"{more}'
@@ -319,7 +319,6 @@ def _lead_and_grammar(fmt: ToolFormat, tool: Tool, parallel: bool) -> tuple[str,
     elif fmt is ToolFormat.MISTRAL:
         lead = f'[TOOL_CALLS][{{"name": {name}, "arguments":'
         if parallel:
-            args += json_schema_rules(_call_schema((tool,), "arguments"), "call", compact=True).splitlines()
             more = f' ("," space call){{0,{MAX_PARALLEL_CALLS - 1}}}'
         root = f'root ::= space args0 "}}" space{more} "]" space'
     elif fmt is ToolFormat.MISTRAL_V11:
