@@ -298,7 +298,7 @@ def _lead_and_grammar(fmt: ToolFormat, tool: Tool, parallel: bool) -> tuple[str,
     from llmrun.engine.sampling import json_schema_rules
 
     name = json.dumps(tool.name)
-    args, _ = _named_arguments((tool,), "")
+    args = json_schema_rules(grammar_schema(tool.parameters), "args0", compact=True).splitlines()
     if parallel and fmt in (ToolFormat.GENERIC, ToolFormat.HERMES, ToolFormat.MISTRAL):  # further calls, whole
         args += json_schema_rules(_call_schema((tool,), "arguments"), "call", compact=True).splitlines()
     more = ""

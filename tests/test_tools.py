@@ -100,6 +100,17 @@ RECORDED = {
 }
 
 
+# A template that makes plan() pick each format (the marker it looks for, or none: generic).
+FORMAT_TEMPLATES = {
+    ToolFormat.HERMES: "<tool_call>{{ tools }}",
+    ToolFormat.MISTRAL: "[TOOL_CALLS]{{ tools }}",
+    ToolFormat.MISTRAL_V11: "[TOOL_CALLS]{{ tools }}[ARGS]",
+    ToolFormat.HARMONY: "<|channel|>commentary to=functions.{{ tools }}",
+    ToolFormat.LLAMA3: "<|python_tag|>{{ tools }}",
+    ToolFormat.GENERIC: None,
+}
+
+
 def parse(fmt: ToolFormat, output: str, cuts: random.Random | None) -> tuple[list[object], ToolCallParser]:
     parser = ToolCallParser(ToolPlan(fmt, TOOLS, "root ::= x", (), True, True))
     pieces: list[object] = []
@@ -192,10 +203,7 @@ def test_grammars_for_each_format_are_accepted_by_llama_cpp(tiny_model: object) 
     model = Model(tiny_model, 0)  # type: ignore[arg-type]
     try:
         for fmt in ToolFormat:
-            template = {ToolFormat.HERMES: "<tool_call>{{ tools }}", ToolFormat.MISTRAL: "[TOOL_CALLS]{{ tools }}",
-                        ToolFormat.MISTRAL_V11: "[TOOL_CALLS]{{ tools }}[ARGS]",
-                        ToolFormat.HARMONY: "<|channel|>commentary to=functions.{{ tools }}",
-                        ToolFormat.LLAMA3: "<|python_tag|>{{ tools }}", ToolFormat.GENERIC: None}[fmt]  # fmt: skip
+            template = FORMAT_TEMPLATES[fmt]
             for choice in (ToolChoice("auto"), ToolChoice("required"), ToolChoice("function", "add")):
                 for parallel in (True, False):
                     made = plan(list(TOOLS), choice, parallel, template, template is not None)
@@ -273,14 +281,6 @@ AFTER_LEAD = {
     ToolFormat.MISTRAL: (' {"a": 1, "b": 2}}]', ' {"a": 1, "b": 2}}, {"name": "add", "arguments": {"a": 3}}]'),
     ToolFormat.MISTRAL_V11: ('{"a": 1, "b": 2}', '{"a": 1, "b": 2}[TOOL_CALLS]add[ARGS]{"a": 3}'),
     ToolFormat.HARMONY: ('{"a": 1, "b": 2}', None),
-}
-FORMAT_TEMPLATES = {
-    ToolFormat.HERMES: "<tool_call>{{ tools }}",
-    ToolFormat.MISTRAL: "[TOOL_CALLS]{{ tools }}",
-    ToolFormat.MISTRAL_V11: "[TOOL_CALLS]{{ tools }}[ARGS]",
-    ToolFormat.HARMONY: "<|channel|>commentary to=functions.{{ tools }}",
-    ToolFormat.LLAMA3: "<|python_tag|>{{ tools }}",
-    ToolFormat.GENERIC: None,
 }
 
 
