@@ -9,6 +9,7 @@ The ``gguf`` package still supplies the type tables.  No llama_cpp here.
 from __future__ import annotations
 
 import io
+import math
 import re
 import struct
 from dataclasses import dataclass
@@ -88,9 +89,13 @@ class GGUFFile:
 
 
 class _Reader:
-    def __init__(self, stream: BinaryIO, path: Path) -> None:
+    def __init__(self, stream: BinaryIO, path: Path, file_size: int) -> None:
         self.stream = stream
         self.path = path
+        self.file_size = file_size
+
+    def _corrupt(self, what: str) -> InvalidModelFile:
+        return InvalidModelFile(f"{self.path} has a corrupt GGUF header ({what})", "download or copy the file again")
 
     def _read(self, n_bytes: int) -> bytes:
         data = self.stream.read(n_bytes)
@@ -123,6 +128,10 @@ class _Reader:
         if value_type == _TYPE_ARRAY:
             element_type = self.scalar("I")
             length = self.scalar("Q")
+            if element_type == _TYPE_ARRAY:
+                raise self._corrupt("an array of arrays, which llama.cpp cannot read")
+            if length > self.file_size - self.stream.tell():  # every element takes at least a byte
+                raise self._corrupt(f"an array of {length} elements in a file of {self.file_size} bytes")
             if length > MAX_KEPT_ARRAY_LEN:
                 self.skip_array(element_type, length)
                 return ArraySummary(element_type, length)
@@ -136,9 +145,6 @@ class _Reader:
         if element_type == _TYPE_STRING:
             for _ in range(length):
                 self.skip_string()
-        elif element_type == _TYPE_ARRAY:
-            for _ in range(length):
-                self.value(_TYPE_ARRAY)
         else:
             fmt = _SCALAR_FORMATS.get(element_type)
             if fmt is None:
@@ -174,7 +180,7 @@ def read_gguf(path: Path) -> GGUFFile:
     except OSError as exc:
         raise InvalidModelFile(f"cannot read {path}: {exc.strerror}") from None
     with stream:
-        reader = _Reader(stream, path)
+        reader = _Reader(stream, path, file_size)
         if stream.read(4) != GGUF_MAGIC:
             raise InvalidModelFile(f"{path} is not a GGUF file (wrong magic bytes)", "llmrun runs .gguf models only")
         version = reader.scalar("I")
@@ -196,8 +202,13 @@ def read_gguf(path: Path) -> GGUFFile:
                 raise InvalidModelFile(f"{path}: tensor {name!r} has {n_dims} dimensions; the header is corrupt")
             shape = tuple(reader.scalar("Q") for _ in range(n_dims))
             raw_tensors.append((name, shape, reader.scalar("I"), reader.scalar("Q")))
-        alignment = int(metadata.get("general.alignment", DEFAULT_ALIGNMENT))
-        if alignment <= 0 or alignment & (alignment - 1):
+        alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+        if (
+            not isinstance(alignment, int)
+            or isinstance(alignment, bool)
+            or alignment <= 0
+            or alignment & (alignment - 1)
+        ):
             raise InvalidModelFile(f"{path} has an invalid alignment {alignment}")
         header_end = stream.tell()
     data_offset = (header_end + alignment - 1) // alignment * alignment
@@ -300,7 +311,9 @@ def _quantization_name(files: list[GGUFFile]) -> str:
 
 
 def _optional_int(value: Any) -> int | None:
-    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return int(value)
 
 
 def _optional_str(value: Any) -> str | None:
