@@ -17,7 +17,9 @@ class ExitCode(IntEnum):
     USAGE_ERROR = 2
     MODEL_NOT_FOUND = 3
     PROMPT_TOO_LONG = 4
-    INTERRUPTED = 130
+    HANGUP = 129  # SIGHUP (the terminal closed): 128 + the signal's number, as a shell reports it
+    INTERRUPTED = 130  # Ctrl-C (SIGINT)
+    TERMINATED = 143  # SIGTERM (`timeout`, `kill`, a service manager)
 
 
 class LlmrunError(Exception):
@@ -75,3 +77,13 @@ class DownloadError(LlmrunError):
 
 class StoreError(LlmrunError):
     """The local model store cannot do what was asked (name taken, disk full...)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the program is, so the command ends the way Ctrl-C ends it: what was
+    generated is flushed and logged, partial files are kept or removed as on Ctrl-C, then the exit code is
+    128 + the signal's number."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum

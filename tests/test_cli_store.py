@@ -25,7 +25,10 @@ def assert_one_line_error(stderr: str, *fragments: str, after_status_lines: bool
 
 
 def store_files(home: Path) -> list[Path]:
-    return sorted(path for path in home.rglob("*") if path.is_file()) if home.exists() else []
+    """Every file in the store but its lock file."""
+    if not home.exists():
+        return []
+    return sorted(path for path in home.rglob("*") if path.is_file() and path.name != "store.lock")
 
 
 def test_version_and_help(cli: Cli) -> None:
@@ -59,8 +62,8 @@ def test_import_default_name_comes_from_the_file(cli: Cli, tiny_model: Path) -> 
 def test_list_in_a_pipe_is_tab_separated(cli: Cli, tiny_model: Path) -> None:
     cli("import", str(tiny_model), "--name", "tiny")
     lines = cli("list").stdout.splitlines()
-    assert lines[0].split("\t") == ["NAME", "ARCH", "PARAMS", "QUANT", "SIZE", "ADDED"]
-    assert lines[1].split("\t")[:4] == ["tiny", "llama", "108.2K", "F32"]
+    assert lines[0].split("\t") == ["NAME", "ARCH", "PARAMS", "QUANT", "SIZE", "ADDED", "STATUS"]
+    assert lines[1].split("\t")[:4] == ["tiny", "llama", "108.2K", "F32"] and lines[1].endswith("\tok")
 
 
 def test_list_of_an_empty_store_says_how_to_start(cli: Cli) -> None:
@@ -121,6 +124,7 @@ def test_import_rejects_a_bad_name(cli: Cli, tiny_model: Path) -> None:
 
 def test_show_reports_what_a_user_needs(smollm2_cli: Cli) -> None:
     info = smollm2_cli("show", "smollm2", "--json").json()
+    assert info["name"] == "smollm2"  # the name in the store, not the file's general.name
     assert info["architecture"] == "llama"
     assert info["quantization"] == "Q4_1"
     assert info["context_length"] == 8192
@@ -249,7 +253,7 @@ def test_on_a_terminal_list_is_a_table_and_rm_asks(cli: Cli, tiny_model: Path) -
     listing = pexpect.spawn(str(LLMRUN), ["list"], env=cli.env(), encoding="utf-8", timeout=30)
     listing.expect(pexpect.EOF)
     lines = listing.before.splitlines()
-    assert lines[0].split() == ["NAME", "ARCH", "PARAMS", "QUANT", "SIZE", "ADDED"]
+    assert lines[0].split() == ["NAME", "ARCH", "PARAMS", "QUANT", "SIZE", "ADDED", "STATUS"]
     assert "\t" not in listing.before
     assert "1 model(s)" in listing.before
 

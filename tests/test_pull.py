@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import signal
 import threading
 import time
@@ -210,17 +211,23 @@ def test_run_pulls_a_missing_model_first_unless_told_not_to(pull: Cli, hub: HubS
     assert f"{TINY}:Q4_K_M" in entries(pull)
 
 
-def test_prune_removes_old_revisions_and_partial_files(pull: Cli, hub: HubStandIn, home: Path, smollm2: Path) -> None:
+def test_update_frees_the_old_revision_and_prune_removes_stale_partial_files(
+    pull: Cli, hub: HubStandIn, home: Path, smollm2: Path
+) -> None:
     assert pull("pull", TINY).returncode == 0
     hub.add_file(TINY, "Tiny-Q4_K_M.gguf", smollm2, commit="c" * 40)
     assert pull("pull", TINY, "--update").returncode == 0
+    blobs = [path for path in (home / "hub").rglob("blobs/*") if not path.name.endswith(".lock")]
+    assert len(blobs) == 1 and blobs[0].stat().st_size == smollm2.stat().st_size  # the old revision's blob is gone
     (home / "tmp").mkdir(exist_ok=True)
-    (home / "tmp" / "left-behind.partial").write_bytes(b"x" * 1000)
+    stale, live = home / "tmp" / "left-behind.partial", home / "tmp" / "being-copied.partial"
+    stale.write_bytes(b"x" * 1000)
+    live.write_bytes(b"y" * 1000)
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
     result = pull("prune")
     assert result.returncode == 0
-    assert "removed 2 file(s)" in result.stderr  # the old revision's blob and the partial copy
-    blobs = [path for path in (home / "hub").rglob("blobs/*") if not path.name.endswith(".lock")]
-    assert len(blobs) == 1 and blobs[0].stat().st_size == smollm2.stat().st_size
+    assert "removed 1 file(s)" in result.stderr  # the partial copy no process has written to for an hour
+    assert not stale.exists() and live.exists()  # a copy under way in another process is left alone
     assert "Paris" in pull("run", f"{TINY}:Q4_K_M", "What is the capital of France?", "-t", "0").stdout
     assert "removed 0 file(s)" in pull("prune").stderr
 

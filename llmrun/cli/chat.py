@@ -12,7 +12,7 @@ import typer
 
 from llmrun.cli import options
 from llmrun.cli.output import format_count, notice
-from llmrun.errors import LlmrunError
+from llmrun.errors import LlmrunError, Terminated
 from llmrun.reasoning import REASONING
 from llmrun.settings import (
     DEFAULT_MIN_P,
@@ -97,8 +97,10 @@ class Renderer:
                     if time.monotonic() - last_draw >= RENDER_INTERVAL_S:
                         live.update(view(), refresh=True)
                         last_draw = time.monotonic()
-            except KeyboardInterrupt:
+            except KeyboardInterrupt as error:
                 live.update(view(), refresh=True)
+                if isinstance(error, Terminated):
+                    raise
                 return False
             if thinking and thought_s is None:
                 thought_s = time.monotonic() - began
@@ -116,7 +118,9 @@ class Renderer:
                 text += piece
                 sys.stdout.write(piece)
                 sys.stdout.flush()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as error:
+            if isinstance(error, Terminated):
+                raise
             return False
         finally:
             if not text.endswith("\n"):
@@ -359,6 +363,8 @@ def _repl(session: ChatSession, renderer: Renderer, reopen: Reopen) -> None:
             if interactive:
                 sys.stderr.write("\n")
             return
+        except Terminated:
+            raise
         except KeyboardInterrupt:
             notice("\n(use /bye or Ctrl-D to leave)")
             continue
@@ -376,7 +382,11 @@ def _repl(session: ChatSession, renderer: Renderer, reopen: Reopen) -> None:
                 reply = session.start(line)
             if reply.dropped_turns:
                 notice(f"(the context is full: dropped the {reply.dropped_turns} oldest exchange(s))")
-            completed = renderer.stream(reply)
+            try:
+                completed = renderer.stream(reply)
+            except Terminated:
+                session.finish(reply)  # SIGTERM / SIGHUP: keep and log what was generated, then end
+                raise
             session.finish(reply)
             if not completed:
                 notice("(stopped)")

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from types import FrameType
 from typing import Annotated
 
 import typer
 
 from llmrun import __version__
-from llmrun.errors import ExitCode, LlmrunError
+from llmrun.errors import ExitCode, LlmrunError, Terminated
 from llmrun.settings import env_flag, get_settings
 
 app = typer.Typer(
@@ -54,6 +58,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rm": ("llmrun.cli.models", "rm_command"),
     "catalog": ("llmrun.cli.models", "catalog_command"),
     "prune": ("llmrun.cli.models", "prune_command"),
+    "verify": ("llmrun.cli.models", "verify_command"),
     "run": ("llmrun.cli.run", "run_command"),
     "chat": ("llmrun.cli.chat", "chat_command"),
     "logs": ("llmrun.cli.logs", "logs_command"),
@@ -72,7 +77,10 @@ def _register_commands(args: list[str]) -> None:
     requested = next((arg for arg in args if not arg.startswith("-")), None)
     wanted = ALIASES.get(requested or "", requested)
     names = [wanted] if wanted in COMMANDS else list(COMMANDS)
+    registered = {info.name for info in app.registered_commands}  # run_cli may be called again in one process
     for name in names:
+        if name in registered:
+            continue
         module, function = COMMANDS[name]
         command = getattr(importlib.import_module(module), function)
         app.command(name)(command)
@@ -105,8 +113,47 @@ def _click_error_message(error: Exception) -> str:
     return message
 
 
+ENDING_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+@contextmanager
+def _signals_end_like_ctrl_c() -> Iterator[list[int]]:
+    """While a command runs, SIGTERM and SIGHUP raise ``Terminated`` (a KeyboardInterrupt) where the program is;
+    the list yielded holds the signal received, whatever the command or click made of the exception.
+    (`serve` sets its own handlers.)"""
+    import threading
+
+    received: list[int] = []
+
+    def end(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+        for number in ENDING_SIGNALS:  # once: a second signal must not cut the flushing and logging short
+            signal.signal(number, signal.SIG_IGN)
+        raise Terminated(signum)
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield received
+        return
+    previous = {number: signal.signal(number, end) for number in ENDING_SIGNALS}
+    try:
+        yield received
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
 def run_cli(args: list[str] | None = None) -> int:
     """Run the CLI and return the exit code; every user-caused error ends here as one line."""
+    with _signals_end_like_ctrl_c() as received:
+        code = _run(args)
+    if received:
+        with suppress(OSError):  # after SIGHUP the terminal may be gone
+            sys.stderr.write(f"stopped by {signal.Signals(received[0]).name}\n")
+        return 128 + received[0]
+    return code
+
+
+def _run(args: list[str] | None) -> int:
     _register_commands(sys.argv[1:] if args is None else args)
     command = typer.main.get_command(app)
     try:

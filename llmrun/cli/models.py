@@ -1,4 +1,4 @@
-"""Store commands: ``import``, ``pull``, ``list``, ``show``, ``rm``, ``catalog``, ``prune``.
+"""Store commands: ``import``, ``pull``, ``list``, ``show``, ``rm``, ``catalog``, ``prune``, ``verify``.
 
 None of them imports llama_cpp (a test checks): they stay fast and work without it.
 """
@@ -12,12 +12,13 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from llmrun.cli.output import format_count, format_size, notice, print_json, print_rows, stdin_is_tty, stdout_is_tty
-from llmrun.errors import LlmrunError
+from llmrun.errors import ExitCode, LlmrunError
 from llmrun.settings import get_settings
 from llmrun.store.store import ModelEntry, Store
 
 if TYPE_CHECKING:
     from llmrun.store.hub import QuantChoice, RepoQuants
+    from llmrun.store.integrity import Verdict
     from llmrun.store.models import PullOptions
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
@@ -135,7 +136,7 @@ def pull_command(
         )
 
 
-def _list_row(entry: ModelEntry) -> list[str]:
+def _list_row(entry: ModelEntry, problem: str | None) -> list[str]:
     info = entry.info
     params = info.get("parameter_count")
     return [
@@ -144,23 +145,31 @@ def _list_row(entry: ModelEntry) -> list[str]:
         format_count(params) if isinstance(params, int) else "?",
         str(info.get("quantization", "?")),
         format_size(entry.size_bytes),
-        entry.added_at.replace("T", " ").split("+")[0],
+        entry.added_at.replace("T", " ").split("+")[0] or "?",
+        "damaged" if problem else "ok",
     ]
 
 
 def list_command(json_output: JsonOption = False) -> None:
-    """List the models in the store."""
+    """List the models in the store; a damaged one is marked, and stderr says what to run."""
     store = _store()
     entries = store.entries()
+    problems = {entry.name: store.problem(entry) for entry in entries}  # a stat per file, no hashing
     if json_output:
-        print_json([entry.to_dict() for entry in entries])
-        return
-    if not entries:
+        print_json([{**entry.to_dict(), "status": "damaged" if problems[entry.name] else "ok",
+                     "problem": problems[entry.name]} for entry in entries])  # fmt: skip
+    elif not entries:
         notice(f"no models yet in {store.home}; try `llmrun pull smollm2`")
-        return
-    print_rows(["NAME", "ARCH", "PARAMS", "QUANT", "SIZE", "ADDED"], [_list_row(entry) for entry in entries])
-    if stdout_is_tty():
-        notice(f"{len(entries)} model(s), {format_size(store.total_size())} in {store.home}")
+    else:
+        rows = [_list_row(entry, problems[entry.name]) for entry in entries]
+        print_rows(["NAME", "ARCH", "PARAMS", "QUANT", "SIZE", "ADDED", "STATUS"], rows)
+        if stdout_is_tty():
+            notice(f"{len(entries)} model(s), {format_size(store.total_size())} in {store.home}")
+    damaged = [name for name, problem in problems.items() if problem]
+    for name in damaged:
+        notice(f"warning: {name} is damaged: {problems[name]}")
+    if damaged:
+        notice(f"run `llmrun verify --repair {' '.join(damaged)}` to mend, or `llmrun rm` to remove")
 
 
 def _show_fields(name: str, path: Path, info: dict[str, Any], entry: ModelEntry | None) -> list[tuple[str, str]]:
@@ -206,7 +215,9 @@ def show_command(
         return
     details = info.to_dict()
     if json_output:
-        data: dict[str, Any] = {"name": resolved.name, "path": str(resolved.path), **details}
+        # "name" is the name in the store; the file's own general.name is "general_name".
+        data: dict[str, Any] = {**details, "general_name": details.get("name")}
+        data.update(name=resolved.name, path=str(resolved.path))
         if resolved.entry is not None:
             data.update(sha256=resolved.entry.sha256, source=resolved.entry.source, added_at=resolved.entry.added_at)
         print_json(data)
@@ -254,3 +265,97 @@ def prune_command() -> None:
     settings = get_settings()
     removed, freed = _store().prune(None if settings.hf_cache else settings.hub_cache)
     notice(f"removed {removed} file(s), freed {format_size(freed)}")
+
+
+def _verify_progress(total: int) -> Any:
+    """A bar over the bytes to hash, on a terminal only."""
+    from llmrun.cli.progress import DownloadProgress, SilentProgress
+
+    return (DownloadProgress if sys.stderr.isatty() else SilentProgress)(total=total, desc="verifying")
+
+
+def _ask_to_remove_orphans(count: int, size: int, yes: bool) -> bool:
+    if yes:
+        return True
+    if stdin_is_tty() and sys.stderr.isatty():
+        return typer.confirm(f"Remove {count} file(s) no model uses ({format_size(size)})?", default=False, err=True)
+    notice(f"left {count} file(s) no model uses ({format_size(size)}); pass --yes to remove them")
+    return False
+
+
+def verify_command(
+    models: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="Model names from `llmrun list` [default: every model].", show_default=False, metavar="[MODEL...]"
+        ),
+    ] = None,
+    repair: Annotated[
+        bool,
+        typer.Option(
+            "--repair",
+            help="Fetch damaged models again from where they came from, rebuild unreadable "
+            "manifests from their files, and remove files no model uses (after asking).",
+        ),
+    ] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="With --repair: remove orphans without asking.")] = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Check stored models against their recorded sha256, size and GGUF header; exit 1 if any is damaged."""
+    from llmrun.store.integrity import Unrepairable, Verdict, bytes_to_check, verify_entry
+    from llmrun.store.integrity import repair as mend
+
+    store = _store()
+    entries = [store.get(name) for name in models] if models else store.entries()
+    progress = _verify_progress(sum(bytes_to_check(store, entry) for entry in entries))
+    verdicts: list[Verdict] = []
+    try:
+        for entry in entries:
+            verdicts.append(Verdict(entry.name, verify_entry(store, entry, progress.update)))
+    finally:
+        progress.close()
+    if repair:
+        for index, verdict in enumerate(verdicts):
+            if not verdict.problems:
+                continue
+            try:
+                done = mend(store, entries[index], pull_options(quiet=json_output))
+            except LlmrunError as error:  # Unrepairable, or the source failing: the rest are still tried
+                why = str(error) if isinstance(error, Unrepairable) else f"could not repair it: {error}"
+                verdicts[index] = Verdict(verdict.name, verdict.problems, unrepairable=why)
+                continue
+            after = verify_entry(store, store.get(verdict.name))
+            verdicts[index] = Verdict(verdict.name, after, repaired=None if after else done)
+    orphans = store.orphans() if not models else []
+    removed = 0
+    if repair and orphans and _ask_to_remove_orphans(len(orphans), sum(o.size for o in orphans), yes or json_output):
+        removed = store.remove_orphans(orphans)
+        orphans = []
+    _report_verdicts(verdicts, orphans, removed, json_output)
+    if any(verdict.problems and not verdict.repaired for verdict in verdicts):
+        raise typer.Exit(ExitCode.RUNTIME_ERROR)
+
+
+def _report_verdicts(verdicts: list[Verdict], orphans: list[Any], removed: int, json_output: bool) -> None:
+    if json_output:
+        print_json({
+            "models": [{"name": v.name, "status": v.status, "problems": list(v.problems), "repaired": v.repaired,
+                        "unrepairable": v.unrepairable} for v in verdicts],
+            "orphans": [{"path": str(orphan.path), "size": orphan.size} for orphan in orphans],
+            "orphan_bytes_removed": removed,
+        })  # fmt: skip
+        return
+    rows = [[v.name, v.status, v.repaired or "; ".join([*v.problems, *([v.unrepairable] if v.unrepairable else [])])]
+            for v in verdicts]  # fmt: skip
+    if rows:
+        print_rows(["NAME", "STATUS", "DETAIL"], rows)
+    damaged = [v.name for v in verdicts if v.problems and not v.repaired]
+    summary = f"{len(verdicts)} model(s) checked, {len(damaged)} damaged"
+    if removed:
+        summary += f"; removed files no model used ({format_size(removed)})"
+    notice(summary)
+    if orphans:
+        notice(f"{len(orphans)} file(s) no model uses ({format_size(sum(o.size for o in orphans))}), e.g. "
+               f"{orphans[0].path}; `llmrun verify --repair` or `llmrun prune` removes them")  # fmt: skip
+    if damaged and not any(v.unrepairable for v in verdicts):
+        notice(f"mend with `llmrun verify --repair {' '.join(damaged)}`, or remove with `llmrun rm`")

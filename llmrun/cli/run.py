@@ -238,9 +238,13 @@ def run_command(
             ignore_eos=ignore_eos,
         )
         answer = _Answer(fmt, inside, show_thinking=bool(think))
-        result = _generate(engine, request, answer, resolved.name, verbose=verbose, json_output=json_output)
-        if not (no_log or get_settings().no_log):
+        result, interruption = _generate(
+            engine, request, answer, resolved.name, verbose=verbose, json_output=json_output
+        )
+        if not (no_log or get_settings().no_log):  # an interrupted answer is logged as far as it got
             _log(resolved.name, text, system, request, replace(result, text="".join(answer.text)))
+    if interruption is not None:
+        raise typer.Exit(ExitCode.INTERRUPTED)  # 143 / 129 after SIGTERM / SIGHUP: main knows which
 
 
 def _log(
@@ -256,15 +260,17 @@ def _log(
 
 def _generate(
     engine: Engine, request: GenerationRequest, answer: _Answer, model_name: str, *, verbose: bool, json_output: bool
-) -> GenerationResult:
+) -> tuple[GenerationResult, KeyboardInterrupt | None]:
+    """Stream the answer; Ctrl-C, SIGTERM or SIGHUP stops it, keeping what was generated (returned with the
+    interruption, for the caller to log before it exits)."""
     generation = engine.generate(request)
-    interrupted = False
+    interruption: KeyboardInterrupt | None = None
     try:
         for piece in generation:
             answer.feed(piece, write=not json_output)
         answer.finish(write=not json_output)
-    except KeyboardInterrupt:
-        interrupted = True
+    except KeyboardInterrupt as error:
+        interruption = error
     except BrokenPipeError:
         # The reader went away (`llmrun run ... | head -1`): it has all it wanted, so stop quietly.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -276,6 +282,4 @@ def _generate(
         sys.stdout.write("\n")
         sys.stdout.flush()
     _report(engine, generation, answer, model_name, verbose, json_output)
-    if interrupted:
-        raise typer.Exit(ExitCode.INTERRUPTED)
-    return generation.result
+    return generation.result, interruption

@@ -413,6 +413,7 @@ async def tags(request: Request) -> Any:
                 "details": _details(entry.info),
             }  # fmt: skip
             for entry in entries
+            if not entry.damage  # a manifest that cannot be read names no usable model
         ]
     }
 

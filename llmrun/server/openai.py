@@ -508,7 +508,7 @@ async def list_models(request: Request) -> Any:
         seen.add(model.name)
         data.append(_model(model.name, int(model.loaded_at), request))
     for entry in pool.store.entries():
-        if entry.name not in seen:
+        if entry.name not in seen and not entry.damage:  # a manifest that cannot be read names no usable model
             data.append(_model(entry.name, _timestamp(entry.added_at), request))
     if _anthropic(request):
         ids = [model["id"] for model in data]

@@ -18,6 +18,7 @@ from typing import Any
 from llmrun.errors import DownloadError, ModelNotFound, StoreError
 from llmrun.store.gguf_file import SPLIT_RE
 from llmrun.store.quants import PREFERRED_ORDER, quant_label
+from llmrun.store.store import FULL_DISK_ERRNOS, disk_error, disk_errors
 
 ProgressFactory = type[Any]  # a tqdm-like class, given to hf_hub_download
 
@@ -204,6 +205,18 @@ def _hash_prefix(path: Path) -> tuple[Any, int]:
     return digest, size
 
 
+def _write_all(stream: Any, data: memoryview, partial: Path, name: str) -> None:
+    """Write every byte (an unbuffered write may take only some); a full disk removes the partial file."""
+    try:
+        while data:
+            data = data[stream.write(data) :]
+    except OSError as error:
+        if error.errno not in FULL_DISK_ERRNOS:
+            raise StoreError(f"writing {partial} failed: {error.strerror}") from None
+        partial.unlink(missing_ok=True)
+        raise disk_error(error, f"downloading {name}") from None
+
+
 def _transfer(url: str, partial: Path, expected_size: int, name: str, progress: ProgressFactory | None) -> str:
     """Append the rest of ``url`` to ``partial`` (Range from its current size); returns the whole file's sha256.
 
@@ -238,7 +251,7 @@ def _transfer(url: str, partial: Path, expected_size: int, name: str, progress: 
     bar = progress(total=expected_size, initial=offset, desc=name, unit="B", unit_scale=True) if progress else None
     failures = 0
     try:
-        with open(partial, "ab") as stream:
+        with open(partial, "ab", buffering=0) as stream:
             while offset < expected_size:
                 headers = build_hf_headers()
                 if offset:
@@ -255,7 +268,7 @@ def _transfer(url: str, partial: Path, expected_size: int, name: str, progress: 
                             if not length:
                                 free.put(index)
                                 break
-                            stream.write(memoryview(buffers[index])[:length])
+                            _write_all(stream, memoryview(buffers[index])[:length], partial, name)
                             filled.put((index, length))
                             offset += length
                             if bar is not None:
@@ -271,7 +284,6 @@ def _transfer(url: str, partial: Path, expected_size: int, name: str, progress: 
                             f"downloading {name} failed after {TRANSFER_RETRIES} retries: {error}",
                             "pull again to resume where it stopped",
                         ) from None
-                    stream.flush()
     finally:
         filled.put(None)
         hasher.join()
@@ -337,12 +349,14 @@ def download(
     quants: RepoQuants, choice: QuantChoice, cache_dir: Path, progress: ProgressFactory | None = None
 ) -> list[Path]:
     """Download every file of ``choice`` at the listed commit, resuming partial files; LFS sha256 checked."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(cache_dir).free
+    with disk_errors(f"pulling {choice.first.path}"):
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(cache_dir).free
     if choice.size > free:
         raise StoreError(
             f"not enough disk space: {choice.first.path} needs {choice.size / 2**30:.1f} GiB, "
             f"{cache_dir} has {free / 2**30:.1f} GiB free",
             "free some space, or point LLMRUN_HOME at a larger disk",
         )
-    return [_fetch(quants.repo, quants.commit, hub_file, cache_dir, progress) for hub_file in choice.files]
+    with disk_errors(f"pulling {choice.first.path}"):
+        return [_fetch(quants.repo, quants.commit, hub_file, cache_dir, progress) for hub_file in choice.files]

