@@ -43,7 +43,7 @@ class Cli:
 
     def env(self, **extra: str) -> dict[str, str]:
         env = {key: value for key, value in os.environ.items() if not key.startswith("LLMRUN_")}
-        env.update(LLMRUN_HOME=str(self.home), NO_COLOR="1", **extra)
+        env.update({"LLMRUN_HOME": str(self.home), "NO_COLOR": "1", **extra})
         return env
 
     def __call__(self, *args: str, input: str | None = None, env: dict[str, str] | None = None) -> CliResult:

@@ -214,6 +214,7 @@ def _write_all(stream: Any, data: memoryview, partial: Path, name: str) -> None:
         if error.errno not in FULL_DISK_ERRNOS:
             raise StoreError(f"writing {partial} failed: {error.strerror}") from None
         partial.unlink(missing_ok=True)
+        error.filename = str(partial)
         raise disk_error(error, f"downloading {name}") from None
 
 

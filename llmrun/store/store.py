@@ -122,6 +122,12 @@ def _atomic_write_text(target: Path, text: str) -> None:
 def disk_error(error: OSError, doing: str) -> StoreError:
     """An operating-system error while writing the store, as one line naming the path and the problem."""
     where = f" ({error.filename})" if error.filename else ""
+    if error.errno == errno.EFBIG:
+        return StoreError(
+            f"the file grew past what this file system or process allows (`ulimit -f`): {doing} stopped{where}; "
+            "nothing was added",
+            "raise the limit, or point LLMRUN_HOME at another file system",
+        )
     if error.errno in FULL_DISK_ERRNOS:
         return StoreError(
             f"the disk is full: {doing} stopped{where}; nothing was added",
@@ -312,22 +318,23 @@ class Store:
                 for index in range(len(entry.files))}  # fmt: skip
 
     def orphans(self) -> list[Orphan]:
-        """Copies no model uses and partial copies no process is still writing (``verify`` reports them)."""
+        """Copies no model uses, and partial copies and manifests no process is still writing (a killed import
+        leaves them; ``verify`` reports them)."""
         in_use = self._paths_in_use()
         found: list[Orphan] = []
         now = time.time()
-        for folder in (self.files_dir, self.tmp_dir):
+        for folder, pattern in ((self.files_dir, "*"), (self.tmp_dir, "*"), (self.manifests_dir, ".*.tmp")):
             if not folder.is_dir():
                 continue
-            for path in sorted(folder.rglob("*")):
+            for path in sorted(folder.rglob(pattern)):
                 try:
                     stat = path.lstat()
                 except FileNotFoundError:
                     continue
                 if not path.is_file() or path.is_symlink() or path.resolve() in in_use:
                     continue
-                if folder == self.tmp_dir and now - stat.st_mtime < LIVE_PARTIAL_S:
-                    continue
+                if folder != self.files_dir and now - stat.st_mtime < LIVE_PARTIAL_S:
+                    continue  # a copy, or a manifest's temporary file, another process may still be writing
                 found.append(Orphan(path, stat.st_size))
         return found
 
@@ -338,6 +345,7 @@ class Store:
         """Held while the names change: one process at a time places files and writes or removes manifests."""
         from filelock import FileLock, Timeout
 
+        self._check_home()
         with disk_errors("locking the store"):
             self.home.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(self.home / "store.lock"), timeout=LOCK_TIMEOUT_S)
@@ -380,11 +388,15 @@ class Store:
             os.replace(source, partial)
         else:
             with open(source, "rb") as reader, open(partial, "wb") as writer:
-                while chunk := reader.read(HASH_CHUNK_BYTES):
-                    digest.update(chunk)
-                    writer.write(chunk)
-                writer.flush()
-                os.fsync(writer.fileno())
+                try:
+                    while chunk := reader.read(HASH_CHUNK_BYTES):
+                        digest.update(chunk)
+                        writer.write(chunk)
+                    writer.flush()
+                    os.fsync(writer.fileno())
+                except OSError as error:
+                    error.filename = error.filename or str(partial)  # a failed write names no file
+                    raise
         return StoredFile(source.name, partial.stat().st_size, digest.hexdigest())
 
     def _place(self, staged: list[tuple[Path, str]], records: list[StoredFile]) -> tuple[StoredFile, ...]:
