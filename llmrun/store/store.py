@@ -167,7 +167,11 @@ def _salvage(text: str) -> tuple[list[StoredFile], dict[str, str], bool]:
     files: list[StoredFile] = []
     fields: dict[str, str] = {}
     for match in _STRING_FIELD_RE.finditer(text):
-        key, value = match[1], json.loads(f'"{match[2]}"')
+        key = match[1]
+        try:
+            value = json.loads(f'"{match[2]}"')
+        except ValueError:  # an escape cut in half
+            continue
         in_files = files_start >= 0 and match.start() > files_start and key in ("path", "sha256")
         if in_files and key == "path":
             size_match = _SIZE_FIELD_RE.search(text, match.end(), match.end() + 80)
@@ -217,6 +221,8 @@ class Store:
             return self._damaged(path, "", f"its manifest {path} cannot be read ({error})")
         try:
             data = json.loads(text)
+            if not isinstance(data["name"], str):
+                raise TypeError("the name is not a string")
             return ModelEntry(
                 name=data["name"],
                 files=tuple(StoredFile(**stored) for stored in data["files"]),
@@ -303,9 +309,11 @@ class Store:
         """The path llama.cpp loads (the first part of a split model), checked to be there whole."""
         problem = self.problem(entry)
         if problem is not None:
-            hint = f"re-import the file and `llmrun rm {entry.name}` this entry" if entry.linked else (
-                f"run `llmrun verify --repair {entry.name}`, or remove it with `llmrun rm {entry.name}`"
-            )  # fmt: skip
+            hint = (
+                f"import the file again with `llmrun import PATH --name {entry.name} --force`"
+                if entry.linked and not entry.source.startswith("hf:")
+                else f"run `llmrun verify --repair {entry.name}`, or remove it with `llmrun rm {entry.name}`"
+            )
             raise StoreError(f"model {entry.name!r} is damaged: {problem}", hint)
         return self.file_path(entry)
 
@@ -549,7 +557,8 @@ class Store:
         """Delete what no model uses: orphaned copies, partial files, old Hub revisions; returns (files, bytes).
 
         ``hub_cache`` is pruned only when it is llmrun's own (a shared cache belongs to other tools too).
-        Partial files still being written (a copy or download under way) are left alone.
+        Files written in the last ``LIVE_PARTIAL_S`` (a copy or download under way, or a download whose pull is
+        about to list it) are left alone.
         """
         with disk_errors("pruning the store"), self.lock():
             orphans = self.orphans()
@@ -559,8 +568,12 @@ class Store:
                 for path in hub_cache.glob("models--*/blobs/*"):
                     if path.name.endswith(".lock") or path.resolve() in in_use:
                         continue
-                    stat = path.stat()
-                    if not (path.name.endswith(".incomplete") and now - stat.st_mtime < LIVE_PARTIAL_S):
+                    try:
+                        stat = path.stat()
+                    except FileNotFoundError:  # a download finishing: its .incomplete was just renamed
+                        continue
+                    # A download under way, or one just finished whose pull waits for this lock to list it.
+                    if now - stat.st_mtime >= LIVE_PARTIAL_S:
                         orphans.append(Orphan(path, stat.st_size))
             freed = 0
             for orphan in orphans:
