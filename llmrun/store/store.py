@@ -183,6 +183,10 @@ def _salvage(text: str) -> tuple[list[StoredFile], dict[str, str], bool]:
     return files, fields, '"linked": true' in text
 
 
+class FilesGone(StoreError):
+    """A file being linked or adopted was deleted (by another process) before the model could be listed."""
+
+
 @dataclass(frozen=True)
 class Orphan:
     """A file in the store that no model uses: a copy whose manifest never came, or a stale partial."""
@@ -477,6 +481,8 @@ class Store:
                     replaced = self.find(name)
                     if replaced is not None and not replace:
                         raise self._name_taken(name)  # another process added it while we copied
+                    if not staged:
+                        self._check_still_there(name, source_files, records)
                     stored = self._place(staged, records) if staged else tuple(records)
                     entry = ModelEntry(
                         name=name,
@@ -496,6 +502,17 @@ class Store:
             for partial, _ in staged:
                 partial.unlink(missing_ok=True)
         return entry
+
+    def _check_still_there(self, name: str, paths: list[Path], records: list[StoredFile]) -> None:
+        """Files linked or adopted are not ours until the manifest names them: an `rm` of another model using the
+        same Hub blob may have deleted one meanwhile."""
+        for path, record in zip(paths, records, strict=True):
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                size = -1
+            if size != record.size:
+                raise FilesGone(f"{path} was removed while {name} was being added; nothing was added", "run it again")
 
     def _prepare(
         self,
