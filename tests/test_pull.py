@@ -130,8 +130,11 @@ def test_a_newer_revision_is_announced_and_fetched_only_with_update(
     assert entry["info"]["quantization"] == "Q4_1"
 
 
-def test_a_dropped_connection_resumes_from_where_it_stopped(
-    pull: Cli, hub: HubStandIn, home: Path, smollm2: Path
+@pytest.mark.parametrize(
+    ("signum", "code"), [(signal.SIGKILL, -signal.SIGKILL), (signal.SIGTERM, 143), (signal.SIGHUP, 129)]
+)
+def test_a_pull_killed_or_ended_by_a_signal_resumes_from_where_it_stopped(
+    pull: Cli, hub: HubStandIn, home: Path, smollm2: Path, signum: int, code: int
 ) -> None:
     hub.add_file("org/Big-GGUF", "Big-Q4_1.gguf", smollm2)
     hub.fault("org/Big-GGUF", "Big-Q4_1.gguf", Fault(delay_per_chunk_s=0.002))
@@ -143,8 +146,9 @@ def test_a_dropped_connection_resumes_from_where_it_stopped(
         if partial and partial[0].stat().st_size > 30 << 20:
             break
         time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)  # a killed process: nothing gets to clean up
-    process.wait(timeout=10)
+    process.send_signal(signum)  # SIGKILL: nothing gets to clean up; SIGTERM, SIGHUP: as Ctrl-C, the file is kept
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == code and "Traceback" not in stderr
     assert partial, "the download never started"
     kept = partial[0].stat().st_size
     assert entries(pull) == {}  # the store never lists an incomplete model
@@ -155,6 +159,7 @@ def test_a_dropped_connection_resumes_from_where_it_stopped(
     assert resumed.range == f"bytes={kept}-"
     assert resumed.body_bytes == smollm2.stat().st_size - kept
     assert "org/Big-GGUF:Q4_1" in entries(pull)
+    assert pull("verify").returncode == 0
 
 
 def test_two_pulls_at_once_do_not_corrupt_the_model(pull: Cli, hub: HubStandIn, smollm2: Path) -> None:
