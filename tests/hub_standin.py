@@ -317,8 +317,8 @@ class _Handler(BaseHTTPRequestHandler):
                     self.wfile.flush()
                     self.connection.shutdown(2)
                     return sent
+                if fault.delay_per_chunk_s:  # before the chunk: once the last is sent, the request is logged
+                    time.sleep(fault.delay_per_chunk_s)
                 self.wfile.write(chunk)
                 sent += len(chunk)
-                if fault.delay_per_chunk_s:
-                    time.sleep(fault.delay_per_chunk_s)
         return sent
