@@ -186,6 +186,8 @@ def _salvage(text: str) -> tuple[list[StoredFile], dict[str, str], bool]:
 class NameTaken(StoreError):
     """Another model has the name (added by another process meanwhile, perhaps)."""
 
+    http_status = 409
+
 
 class FilesGone(StoreError):
     """A file being linked or adopted was deleted (by another process) before the model could be listed."""
