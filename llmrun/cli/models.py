@@ -328,7 +328,7 @@ def verify_command(
             verdicts[index] = Verdict(verdict.name, after, repaired=None if after else done)
     orphans = store.orphans() if not models else []
     removed = 0
-    if repair and orphans and _ask_to_remove_orphans(len(orphans), sum(o.size for o in orphans), yes or json_output):
+    if repair and orphans and _ask_to_remove_orphans(len(orphans), sum(o.size for o in orphans), yes):
         removed = store.remove_orphans(orphans)
         orphans = []
     _report_verdicts(verdicts, orphans, removed, json_output)
