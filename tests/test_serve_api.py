@@ -322,6 +322,22 @@ def test_metrics_count_requests_tokens_and_cache(server: Server) -> None:
         assert name in text, name  # fmt: skip
 
 
+def test_metrics_show_the_kv_caches_saved_in_host_memory(store_cli: Cli) -> None:
+    one_slot = Server(store_cli, "--parallel", "1", "--ctx", "2048", "--no-log")
+    try:
+        # Two conversations that start differently: the second takes the first one's slot, which is saved.
+        for prompt in (f"{SHARED_SYSTEM} Write about the sea.", f"Write about the mountains. {SHARED_SYSTEM}"):
+            greedy(one_slot.openai(), prompt, 2)
+        text = httpx.get(f"{one_slot.url}/metrics").text
+        samples = {
+            line.split()[0]: float(line.split()[-1]) for line in text.splitlines() if line.startswith("llmrun_host")
+        }
+        assert samples['llmrun_host_cache_entries{model="smollm2"}'] == 1
+        assert samples['llmrun_host_cache_bytes{model="smollm2"}'] > 1 << 20
+    finally:
+        one_slot.stop()
+
+
 def test_api_key_guards_every_route_but_health(store_cli: Cli) -> None:
     guarded = Server(store_cli, "--api-key", "secret", "--ctx", "512", "--no-log")
     try:

@@ -33,14 +33,24 @@ class _PoolCollector(Collector):
             "llmrun_prefix_cache_hit_tokens",
             "Prompt tokens found in the KV cache (own slot or copied from another) instead of evaluated.",
         )
+        saved_bytes = GaugeMetricFamily(
+            "llmrun_host_cache_bytes", "KV caches of slots saved in host memory (serve --cache-ram).", labels=["model"]
+        )
+        saved = GaugeMetricFamily(
+            "llmrun_host_cache_entries", "Slots' KV caches saved in host memory, for their next turn.", labels=["model"]
+        )
         hit_total = self.pool.prefix_hit_tokens_unloaded
         for model in models:
+            scheduler = model.engine.scheduler
             busy.add_metric([model.name], model.worker.busy_slots)
-            slots.add_metric([model.name], model.engine.scheduler.n_slots)
+            slots.add_metric([model.name], scheduler.n_slots)
             queued.add_metric([model.name], max(0, model.in_flight - model.worker.busy_slots))
-            hit_total += model.engine.scheduler.prefix_hit_tokens
+            hit_total += scheduler.prefix_hit_tokens
+            if scheduler.host_cache is not None:  # read from another thread: a snapshot, as any scrape is
+                saved_bytes.add_metric([model.name], scheduler.host_cache.used)
+                saved.add_metric([model.name], len(scheduler.host_cache.entries))
         hits.add_metric([], hit_total)
-        yield from (loaded, busy, slots, queued, hits)
+        yield from (loaded, busy, slots, queued, hits, saved_bytes, saved)
 
 
 class Metrics:
