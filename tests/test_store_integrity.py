@@ -114,6 +114,33 @@ def test_a_manifest_cut_before_its_files_cannot_be_rebuilt_and_says_what_to_do(
     assert store_files(home) == []
 
 
+def test_hand_edited_manifests_are_damaged_not_crashes_and_rm_never_deletes_outside_the_store(
+    cli: Cli, home: Path, tmp_path: Path
+) -> None:
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    manifests = home / "manifests"
+    manifests.mkdir(parents=True)
+    outside = {"name": "outside", "files": [{"path": str(precious), "size": 7, "sha256": "0" * 64}], "source": ""}
+    (manifests / "outside.json").write_text(json.dumps(outside))
+    edited = {
+        "typed": {"name": 5, "files": []},
+        "listed": [1, 2],
+        "info": {"name": "info", "files": [], "info": [1]},
+        "sizes": {"name": "sizes", "files": [{"path": "x", "size": "1", "sha256": ""}]},
+    }
+    for name, data in edited.items():
+        (manifests / f"{name}.json").write_text(json.dumps(data))
+    models = listing(cli)
+    assert {name: model["status"] for name, model in models.items()} == {
+        "outside": "ok", "typed": "damaged", "listed": "damaged", "info": "damaged", "sizes": "damaged"
+    }  # fmt: skip
+    assert verify(cli)[0] == 1
+    for name in models:
+        assert cli("rm", name, "-y").returncode == 0, name
+    assert precious.read_text() == "keep me"  # a manifest naming a file outside the store never gets it deleted
+
+
 def test_verify_finds_changed_bytes_list_cannot_see_and_repair_copies_them_again(
     cli: Cli, tiny_model: Path, home: Path, tmp_path: Path
 ) -> None:

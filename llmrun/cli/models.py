@@ -307,7 +307,7 @@ def verify_command(
 
     store = _store()
     entries = [store.get(name) for name in models] if models else store.entries()
-    progress = _verify_progress(sum(bytes_to_check(store, entry) for entry in entries))
+    progress = _verify_progress(sum(bytes_to_check(entry) for entry in entries))
     verdicts: list[Verdict] = []
     try:
         for entry in entries:

