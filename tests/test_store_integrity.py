@@ -173,6 +173,9 @@ def test_verify_repair_fetches_a_pulled_model_again_at_its_revision(pull: Cli, h
     with open(blob, "r+b") as stream:
         stream.truncate(4096)
     assert entries(pull)[name]["status"] == "damaged"
+    again = pull("pull", TINY)  # never "already have" for a damaged model
+    assert again.returncode == 1
+    assert_one_line_error(again.stderr, "in the store already, but damaged", f"llmrun verify --repair {name}")
     before = len(hub.downloads_of("Tiny-Q4_K_M.gguf"))
     code, report = verify(pull, "--repair")
     assert code == 0, report

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from llmrun.errors import DownloadError, InvalidModelFile, LlmrunError, ModelNotFound, UsageError
+from llmrun.errors import DownloadError, InvalidModelFile, LlmrunError, ModelNotFound, StoreError, UsageError
 from llmrun.store.catalog import CatalogEntry, RefKind, lookup, parse_ref
 from llmrun.store.gguf_file import SPLIT_RE, read_model_files, summarize
 from llmrun.store.hub import (
@@ -152,12 +152,22 @@ def _remote_commit(repo: str) -> str | None:
         return None
 
 
+def _refuse_damaged(store: Store, entry: ModelEntry) -> None:
+    """A model in the store already, but damaged: `verify --repair` mends it (it checks every byte)."""
+    if (problem := store.problem(entry)) is not None:
+        raise StoreError(
+            f"{entry.name} is in the store already, but damaged: {problem}",
+            f"mend it with `llmrun verify --repair {entry.name}`, or `llmrun rm {entry.name}` and pull again",
+        )
+
+
 def pull_model(store: Store, ref_text: str, options: PullOptions) -> PullResult:
     """Fetch a model (catalog alias or Hub repo) into the store, verified; a pulled model stays pinned to its commit."""
     target = _target(ref_text)
     if target.alias is not None and not options.update:
         existing = store.find(target.store_name(target.requested_quant or target.alias.quant))
         if existing is not None:
+            _refuse_damaged(store, existing)
             newer = _remote_commit(target.repo) if existing.revision else None
             return PullResult(existing, False, newer if newer and newer != existing.revision else None)
     try:
@@ -178,6 +188,7 @@ def pull_model(store: Store, ref_text: str, options: PullOptions) -> PullResult:
     name = target.store_name(choice.label)
     existing = store.find(name)
     if existing is not None and not options.update:
+        _refuse_damaged(store, existing)
         newer = quants.commit if existing.revision and existing.revision != quants.commit else None
         return PullResult(existing, False, newer)
     if existing is not None and existing.revision == quants.commit and store.is_complete(existing):
@@ -205,8 +216,8 @@ def pull_model(store: Store, ref_text: str, options: PullOptions) -> PullResult:
                 known_sha256=hashes,
                 repo=quants.repo,
                 revision=quants.commit,
-                # A pull running beside this one may have just added the same model; an import, never.
-                replace=lambda old: old.repo == quants.repo,
+                # A pull running beside this one may have just added the same model; an import only with --update.
+                replace=lambda old: old.repo == quants.repo or options.update,
             )
         except FilesGone:
             if attempt:
