@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -431,6 +433,26 @@ def test_ollama_client_pulls_from_the_hub_and_deletes(cli: Cli, hub: HubStandIn,
             client.delete("nothing-here")
         assert unknown.value.status_code == 404
         assert client.generate(model="smollm2", prompt="Hi", options={"num_predict": 2}).done  # still serving
+    finally:
+        serving.stop()
+
+
+def test_curl_deletes_a_model_as_ollamas_docs_do(cli: Cli, smollm2: Path, tiny_model: Path, home: Path) -> None:
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    assert cli("import", str(smollm2), "--name", "smollm2", "--link").returncode == 0
+    assert cli("import", str(tiny_model), "--name", "tiny").returncode == 0
+    serving = Server(cli, "--ctx", "512", "--no-log")
+    try:
+        # Form-encoded, as `curl -d` sends it: read as JSON all the same.
+        deleted = subprocess.run(
+            ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "DELETE", f"{serving.url}/api/delete",
+             "-d", '{"model": "tiny"}'],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert deleted.stdout == "200", deleted
+        assert [entry["name"] for entry in cli("list", "--json").json()] == ["smollm2"]
+        assert not list((home / "files").rglob("*.gguf"))
     finally:
         serving.stop()
 

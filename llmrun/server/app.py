@@ -25,6 +25,7 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 11435  # beside Ollama's 11434, not on it
 DEFAULT_GRACE_S = 10.0
 OPEN_PATHS = frozenset({"/health"})
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
 @dataclass(frozen=True)
@@ -125,8 +126,9 @@ class _Gate:
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
-        if scope["method"] == "POST" and "json" not in headers.get("content-type", ""):
-            # `curl -d '{...}'` sends form encoding; like OpenAI and llama-server, read the body as JSON anyway.
+        if scope["method"] in BODY_METHODS and "json" not in headers.get("content-type", ""):
+            # `curl -d '{...}'` sends form encoding; like OpenAI, Ollama and llama-server, read the body as JSON
+            # anyway (Ollama's own docs delete with `curl -X DELETE ... -d '{"model": ...}'`).
             kept = [(key, value) for key, value in scope["headers"] if key != b"content-type"]
             scope = {**scope, "headers": [*kept, (b"content-type", b"application/json")]}
         protected = self.api_key and scope["path"] not in OPEN_PATHS and scope["method"] != "OPTIONS"
