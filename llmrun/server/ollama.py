@@ -1,4 +1,4 @@
-"""The Ollama API under ``/api``: chat, generate, embed, tags, show, ps, pull, delete, version.
+"""The Ollama API under ``/api``: chat, generate, embed, tags, show, ps, pull, delete, copy, version.
 
 Only translation, as in ``openai.py``: NDJSON streams (Ollama streams unless told
 ``"stream": false``), durations in nanoseconds, ``options`` for sampling.
@@ -561,6 +561,20 @@ async def delete(body: ModelRequest, request: Request) -> Any:
         raise ModelNotFound(f"model {body.model_name!r} not found", "see /api/tags for the models there are")
     await pool.unload(entry.name)
     await asyncio.to_thread(pool.store.remove, entry.name)
+    return Response(status_code=200)
+
+
+class CopyRequest(Lenient):
+    source: str
+    destination: str
+
+
+@router.post("/copy", response_model=None)
+async def copy(body: CopyRequest, request: Request) -> Any:
+    """Another name for a model (as `ollama cp`); the files are not copied. An existing destination is replaced."""
+    store = request.app.state.pool.store
+    source = body.source.removesuffix(":latest") if store.find(body.source) is None else body.source
+    await asyncio.to_thread(store.copy, source, body.destination, replace=True)
     return Response(status_code=200)
 
 

@@ -571,6 +571,29 @@ class Store:
             )
         return records
 
+    def copy(self, source: str, destination: str, *, replace: bool = False) -> ModelEntry:
+        """Another name for a model: a manifest of its own naming the same files (stored once; `rm` of one
+        name leaves them for the other)."""
+        validate_name(destination)
+        with disk_errors(f"copying {source}"), self.lock():
+            entry = self.get(source)
+            if (problem := self.problem(entry)) is not None:
+                raise StoreError(
+                    f"{entry.name} is damaged: {problem}", f"mend it with `llmrun verify --repair {source}`"
+                )
+            replaced = self.find(destination)
+            if replaced is not None and replaced.name == entry.name:
+                raise UsageError(f"{destination!r} is {entry.name!r} itself", "give the copy another name")
+            if replaced is not None and not replace:
+                raise NameTaken(f"a model named {destination!r} already exists", "choose another name, or use --force")
+            copied = ModelEntry(**{**vars(entry), "name": destination,
+                                   "added_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})  # fmt: skip
+            data = {"version": MANIFEST_VERSION, **copied.to_dict()}
+            _atomic_write_text(self._manifest_path(destination), json.dumps(data, indent=2) + "\n")
+            if replaced is not None:
+                self._drop_unused(replaced)
+        return copied
+
     def rewrite(self, entry: ModelEntry) -> None:
         """Write an entry's manifest again (``verify --repair`` rebuilding one that was damaged)."""
         with disk_errors(f"rewriting {entry.name}"), self.lock():
