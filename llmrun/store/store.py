@@ -16,6 +16,7 @@ one wins and the other leaves nothing behind.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import json
@@ -105,6 +106,10 @@ def sha256_of(path: Path, on_bytes: Callable[[int], None] | None = None) -> str:
     return digest.hexdigest()
 
 
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
 def _atomic_write_text(target: Path, text: str) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
@@ -183,10 +188,25 @@ def _salvage(text: str) -> tuple[list[StoredFile], dict[str, str], bool]:
     return files, fields, '"linked": true' in text
 
 
+def _size_problem(path: Path, size: int) -> str | None:
+    """``path`` missing, unreadable or not ``size`` bytes long (a stat, no reading), or None."""
+    try:
+        actual = path.stat().st_size
+    except FileNotFoundError:
+        return f"{path} is missing"
+    except OSError as error:
+        return f"{path} cannot be read ({error.strerror})"
+    return None if actual == size else f"{path} is {actual} bytes, {size} were stored"
+
+
 class NameTaken(StoreError):
     """Another model has the name (added by another process meanwhile, perhaps)."""
 
     http_status = 409
+
+
+class ChecksumMismatch(StoreError):
+    """A file to add does not have the sha256 it should: it was not added."""
 
 
 class FilesGone(StoreError):
@@ -315,17 +335,11 @@ class Store:
             return entry.damage
         if not entry.files:
             return "its manifest names no file"
-        for index, stored in enumerate(entry.files):
-            path = self.file_path(entry, index)
-            try:
-                size = path.stat().st_size
-            except FileNotFoundError:
-                return f"{path} is missing"
-            except OSError as error:
-                return f"{path} cannot be read ({error.strerror})"
-            if size != stored.size:
-                return f"{path} is {size} bytes, {stored.size} were stored"
-        return None
+        return next(filter(None, (self.file_problem(entry, index) for index in range(len(entry.files)))), None)
+
+    def file_problem(self, entry: ModelEntry, index: int) -> str | None:
+        """One file of a model missing, unreadable or of another size than was stored, or None."""
+        return _size_problem(self.file_path(entry, index), entry.files[index].size)
 
     def is_complete(self, entry: ModelEntry) -> bool:
         return self.problem(entry) is None
@@ -342,8 +356,10 @@ class Store:
             raise StoreError(f"model {entry.name!r} is damaged: {problem}", hint)
         return self.file_path(entry)
 
-    def total_size(self) -> int:
-        return sum(entry.size_bytes for entry in self.entries() if not entry.linked and not entry.damage)
+    @staticmethod
+    def total_size(entries: list[ModelEntry]) -> int:
+        """The bytes these models take in the store (linked files live elsewhere)."""
+        return sum(entry.size_bytes for entry in entries if not entry.linked and not entry.damage)
 
     def _paths_in_use(self) -> set[Path]:
         """What every model's files lead to (Hub files are snapshot links to blobs)."""
@@ -515,14 +531,13 @@ class Store:
                         name=name,
                         files=stored,
                         source=source,
-                        added_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                        added_at=_now(),
                         linked=placement == "link",
                         info=info,
                         repo=repo,
                         revision=revision,
                     )
-                    data = {"version": MANIFEST_VERSION, **entry.to_dict()}
-                    _atomic_write_text(self._manifest_path(name), json.dumps(data, indent=2) + "\n")
+                    self._write_manifest(entry)
                     if replaced is not None:
                         self._drop_unused(replaced)
         finally:
@@ -534,11 +549,7 @@ class Store:
         """Files linked or adopted are not ours until the manifest names them: an `rm` of another model using the
         same Hub blob may have deleted one meanwhile."""
         for path, record in zip(paths, records, strict=True):
-            try:
-                size = path.stat().st_size
-            except FileNotFoundError:
-                size = -1
-            if size != record.size:
+            if _size_problem(path, record.size) is not None:
                 raise FilesGone(f"{path} was removed while {name} was being added; nothing was added", "run it again")
 
     def _prepare(
@@ -564,7 +575,7 @@ class Store:
             self._check_free_space(sum(path.stat().st_size for path in source_files))
             records = [self._stage(path, placement == "move", staged) for path in source_files]
         if expected_sha256 and records[0].sha256 != expected_sha256.lower():
-            raise StoreError(
+            raise ChecksumMismatch(
                 f"{source_files[0].name} has sha256 {records[0].sha256[:12]}…, expected {expected_sha256[:12]}…; "
                 "it was not added",
                 "the download is corrupt or was tampered with: fetch it again",
@@ -586,10 +597,8 @@ class Store:
                 raise UsageError(f"{destination!r} is {entry.name!r} itself", "give the copy another name")
             if replaced is not None and not replace:
                 raise NameTaken(f"a model named {destination!r} already exists", "choose another name, or use --force")
-            copied = ModelEntry(**{**vars(entry), "name": destination,
-                                   "added_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})  # fmt: skip
-            data = {"version": MANIFEST_VERSION, **copied.to_dict()}
-            _atomic_write_text(self._manifest_path(destination), json.dumps(data, indent=2) + "\n")
+            copied = dataclasses.replace(entry, name=destination, added_at=_now())  # (here ``replace`` is the flag)
+            self._write_manifest(copied)
             if replaced is not None:
                 self._drop_unused(replaced)
         return copied
@@ -597,8 +606,12 @@ class Store:
     def rewrite(self, entry: ModelEntry) -> None:
         """Write an entry's manifest again (``verify --repair`` rebuilding one that was damaged)."""
         with disk_errors(f"rewriting {entry.name}"), self.lock():
-            data = {"version": MANIFEST_VERSION, **entry.to_dict()}
-            _atomic_write_text(self._manifest_path(entry.name), json.dumps(data, indent=2) + "\n")
+            self._write_manifest(entry)
+
+    def _write_manifest(self, entry: ModelEntry) -> None:
+        """The entry's manifest, replacing any of that name at once (written beside it, then renamed)."""
+        data = {"version": MANIFEST_VERSION, **entry.to_dict()}
+        _atomic_write_text(self._manifest_path(entry.name), json.dumps(data, indent=2) + "\n")
 
     def remove(self, name: str) -> int:
         """Remove a model; returns the bytes freed (files no other model uses)."""
