@@ -284,7 +284,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 def test_a_full_disk_during_a_pull_removes_the_partial_file_and_lists_nothing(
     cli: Cli, hub: HubStandIn, small_disk: Path, tiny_model: Path
 ) -> None:
-    (small_disk / "ballast").write_bytes(b"\0" * (small_disk_free(small_disk) - 200_000))
+    (small_disk / "ballast").write_bytes(b"\0" * (shutil.disk_usage(small_disk).free - 200_000))
     # The listing claims a small file, so the free-space check passes and the disk fills mid-download.
     hub.add_file("org/Full-GGUF", "Full-Q4_K_M.gguf", tiny_model).listed_size = 10_000
     home = small_disk / "home"
@@ -295,10 +295,6 @@ def test_a_full_disk_during_a_pull_removes_the_partial_file_and_lists_nothing(
     )
     assert not list(home.rglob("*.incomplete"))
     assert cli("list", "--json", env={"LLMRUN_HOME": str(home)}).json() == []
-
-
-def small_disk_free(mount: Path) -> int:
-    return shutil.disk_usage(mount).free
 
 
 def test_a_read_only_store_is_one_line(cli: Cli, tiny_model: Path, small_disk: Path) -> None:
