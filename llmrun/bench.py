@@ -5,6 +5,12 @@ one generated token); then ``repetitions`` runs, each from an empty KV cache: ``
 random tokens in batches of ``n_batch`` and/or ``n_gen`` single-token decodes, timed from
 the first decode to the end of the last. Rows carry llama-bench's own field names, so a
 result diffs directly against ``llama-bench -o json``.
+
+With speculative decoding (``--lookup``, ``--draft``), each generation length also gets two
+tests that random tokens cannot show: greedy generation of ``n_gen`` tokens that copy a
+fixed block of code (an answer that quotes its input, where guessing pays), plainly
+(``tg128 copy``) and speculating (``tg128 copy+lookup``), timed from the first generated
+token to the last.
 """
 
 from __future__ import annotations
@@ -18,9 +24,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmrun import __version__
+
+if TYPE_CHECKING:
+    from llmrun.engine.speculation import SpeculationOptions
 
 
 @dataclass(frozen=True)
@@ -36,9 +45,13 @@ class BenchTest:
     type_k: str
     type_v: str
     flash_attn: bool | None
+    # "": llama-bench's test. "plain", "lookup", "draft": generate copying COPY_TEXT, speculating or not.
+    speculation: str = ""
 
     @property
     def name(self) -> str:
+        if self.speculation:
+            return f"tg{self.n_gen} copy" + ("" if self.speculation == "plain" else f"+{self.speculation}")
         if self.n_prompt and self.n_gen:
             return f"pp{self.n_prompt}+tg{self.n_gen}"
         return f"pp{self.n_prompt}" if self.n_prompt else f"tg{self.n_gen}"
@@ -84,6 +97,50 @@ def _generate(engine: Any, n_gen: int) -> None:
         engine.decode([token])
         engine.synchronize()
         token = random.randrange(model.n_vocab)
+
+
+COPY_TEXT = '''def merge_intervals(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Merge overlapping closed intervals; the result is sorted by start."""
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            previous_start, previous_end = merged[-1]
+            merged[-1] = (previous_start, max(previous_end, end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def total_covered(intervals: list[tuple[int, int]]) -> int:
+    """How many integer points the intervals cover together."""
+    return sum(end - start + 1 for start, end in merge_intervals(intervals))'''
+
+
+def _copy_prompt(engine: Any) -> list[int]:
+    messages = [{"role": "system", "content": "You copy text exactly."}, {"role": "user", "content": COPY_TEXT}]
+    return list(engine.chat_prompt(messages))
+
+
+def run_copy_test(engine: Any, test: BenchTest, repetitions: int) -> tuple[list[int], dict[str, Any]]:
+    """Nanoseconds of each repetition's ``n_gen`` tokens copying COPY_TEXT (greedy, past its end if need be),
+    and what was guessed."""
+    from llmrun.engine import GenerationRequest, SamplingParams
+
+    prompt = tuple(_copy_prompt(engine))
+    request = GenerationRequest(prompt, SamplingParams(temperature=0, repeat_penalty=1.0), test.n_gen, ignore_eos=True)
+    samples, drafted, accepted = [], 0, 0
+    for repetition in range(repetitions + 1):  # the first warms up
+        engine.clear_memory()
+        generation = engine.generate(request)
+        for _ in generation:
+            pass
+        result = generation.result
+        if repetition:
+            # The first token comes with the prompt: the rest took generation_s. Scaled to n_gen tokens.
+            samples.append(int(result.generation_s * 1e9 * test.n_gen / max(result.completion_tokens - 1, 1)))
+            drafted += result.drafted_tokens
+            accepted += result.accepted_tokens
+    return samples, {"method": test.speculation, "drafted_tokens": drafted, "accepted_tokens": accepted}
 
 
 def run_test(engine: Any, test: BenchTest, repetitions: int, warmup: bool = True) -> list[int]:
@@ -151,18 +208,23 @@ def run_benchmarks(
     tests: list[BenchTest],
     repetitions: int,
     progress: ProgressCallback | None = None,
+    speculation: SpeculationOptions | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Every test on every model; an engine is loaded per model and resource setting."""
+    """Every test on every model; an engine is loaded per model and resource setting. ``speculation`` is
+    used by the tests that speculate."""
     from llmrun.engine import Engine, LoadOptions
     from llmrun.engine.native import supports_gpu_offload
+    from llmrun.engine.speculation import SpeculationOptions
 
     backend = "GPU" if supports_gpu_offload() else "CPU"
     for name, path in models:
         for test in tests:
             if progress:
                 progress(f"{name}: {test.name}, {test.n_threads} threads, {repetitions} runs")
+            speculating = test.speculation not in ("", "plain")
             options = LoadOptions(
-                n_ctx=max(test.n_prompt + test.n_gen, 16),
+                # A copy test's prompt is the copied text: room for it (~300 tokens) and the answer.
+                n_ctx=max(test.n_prompt + test.n_gen, 16) + (1024 if test.speculation else 0),
                 n_threads=test.n_threads,
                 gpu_layers=test.n_gpu_layers,
                 n_batch=test.n_batch,
@@ -170,6 +232,7 @@ def run_benchmarks(
                 cache_type_k=test.type_k,
                 cache_type_v=test.type_v,
                 flash_attn=test.flash_attn,
+                speculation=(speculation or SpeculationOptions()) if speculating else SpeculationOptions(),
                 debug=bool(os.environ.get("LLMRUN_DEBUG")),
             )
             with Engine(path, options) as engine:
@@ -178,5 +241,8 @@ def run_benchmarks(
                     "model_size": engine.model.size_bytes,
                     "model_n_params": engine.model.n_params,
                 }
-                samples = run_test(engine, test, repetitions)
-            yield row(path, info, test, samples, backend)
+                if test.speculation:
+                    samples, guessed = run_copy_test(engine, test, repetitions)
+                    yield {**row(path, info, test, samples, backend), "speculation": guessed}
+                else:
+                    yield row(path, info, test, run_test(engine, test, repetitions), backend)

@@ -69,6 +69,10 @@ class ModelLoadError(LlmrunError):
     """llama.cpp refused to load a model or create a context for it."""
 
 
+class DraftMismatch(UsageError):
+    """A draft model's vocabulary is not the model's: its guesses would be other tokens."""
+
+
 class DownloadError(LlmrunError):
     """A model could not be fetched or failed verification."""
 

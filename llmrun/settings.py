@@ -47,6 +47,7 @@ DEFAULT_TOP_P = 0.95
 DEFAULT_MIN_P = 0.05
 DEFAULT_REPEAT_PENALTY = 1.1
 DEFAULT_REPEAT_LAST_N = 64
+DEFAULT_DRAFT_MAX = 16  # speculative decoding: most tokens guessed at once
 
 
 @dataclass(frozen=True)

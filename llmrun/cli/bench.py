@@ -7,6 +7,7 @@ import io
 import itertools
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,7 +16,7 @@ import typer
 from llmrun.cli import options
 from llmrun.cli.output import format_count, notice, print_json
 from llmrun.errors import UsageError
-from llmrun.settings import get_settings
+from llmrun.settings import DEFAULT_DRAFT_MAX, get_settings
 
 FORMATS = ("table", "json", "jsonl", "csv", "md")
 CSV_FIELDS = (
@@ -261,6 +262,20 @@ def bench_command(
         typer.Option("--requests", min=1, help="With --server: requests per level [default: 4 x concurrency]."),
     ] = None,
     api_key: Annotated[str | None, typer.Option("--api-key", help="With --server: a bearer token.")] = None,
+    lookup: Annotated[
+        bool, typer.Option("--lookup", help="Also measure generation copying a block of code, plain and with --lookup.")
+    ] = False,
+    draft: Annotated[
+        str | None,
+        typer.Option(
+            "--draft",
+            help="Also measure generation copying a block of code, plain and with this draft model.",
+            show_default=False,
+            metavar="MODEL",
+        ),
+    ] = None,
+    draft_max: options.DraftMax = DEFAULT_DRAFT_MAX,
+    draft_min: options.DraftMin = 0,
     no_pull: options.NoPull = False,
 ) -> None:
     """Measure prompt (pp) and generation (tg) speed like llama-bench, or load-test a server (--server)."""
@@ -291,9 +306,17 @@ def bench_command(
             cache_type_k.split(","), cache_type_v.split(","), _flags(flash_attn),
         )
     ]  # fmt: skip
+    speculation = options.speculation_options(lookup, draft, draft_max, draft_min, no_pull)
+    if speculation.enabled:
+        method = "lookup" if lookup else "draft"
+        copies = [replace(test, n_prompt=0, speculation=kind) for test in tests if test.n_gen and not test.n_prompt
+                  for kind in ("plain", method)]  # fmt: skip
+        if not copies:
+            raise UsageError("--lookup and --draft measure generation, and no -n is given", "e.g. -n 128")
+        tests += copies
     resolved = [options.resolve(model, no_pull) for model in models]
     rows = _run_with_progress(lambda progress: list(
-        run_benchmarks([(r.name, r.path) for r in resolved], tests, repetitions, progress)
+        run_benchmarks([(r.name, r.path) for r in resolved], tests, repetitions, progress, speculation)
     ))  # fmt: skip
     _emit(rows, output, previous)
     if plot is not None:

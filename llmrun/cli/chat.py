@@ -15,6 +15,7 @@ from llmrun.cli.output import format_count, notice
 from llmrun.errors import LlmrunError, Terminated
 from llmrun.reasoning import REASONING
 from llmrun.settings import (
+    DEFAULT_DRAFT_MAX,
     DEFAULT_MIN_P,
     DEFAULT_REPEAT_PENALTY,
     DEFAULT_TEMPERATURE,
@@ -301,6 +302,10 @@ def chat_command(
     ] = None,
     threads: options.Threads = None,
     gpu_layers: options.GpuLayers = None,
+    lookup: options.Lookup = False,
+    draft: options.Draft = None,
+    draft_max: options.DraftMax = DEFAULT_DRAFT_MAX,
+    draft_min: options.DraftMin = 0,
     plain: Annotated[bool, typer.Option("--plain", help="Raw text instead of rendered Markdown.")] = False,
     continue_last: Annotated[
         bool, typer.Option("--continue", "-c", help="Continue the most recent conversation.")
@@ -329,7 +334,8 @@ def chat_command(
 
     def reopen(reference: str) -> tuple[Engine, str]:
         resolved = options.resolve(reference, no_pull)
-        return options.open_engine(resolved, ctx, threads, gpu_layers, verbose), resolved.name
+        speculation = options.speculation_options(lookup, draft, draft_max, draft_min, no_pull)
+        return options.open_engine(resolved, ctx, threads, gpu_layers, verbose, speculation), resolved.name
 
     engine, name = reopen(model or settings.default_model)
     session = ChatSession(

@@ -8,10 +8,12 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from llmrun.cli.output import notice
+from llmrun.errors import UsageError
 from llmrun.settings import env_flag, get_settings
 
 if TYPE_CHECKING:
     from llmrun.engine import Engine, SamplingParams
+    from llmrun.engine.speculation import SpeculationOptions
     from llmrun.store.models import ResolvedModel
 
 System = Annotated[str | None, typer.Option("--system", "-s", help="System prompt.")]
@@ -38,6 +40,35 @@ GpuLayers = Annotated[
 NoPull = Annotated[
     bool, typer.Option("--no-pull", help="Fail instead of pulling a catalog or Hub model that is not here yet.")
 ]
+Lookup = Annotated[
+    bool,
+    typer.Option(
+        "--lookup",
+        help="Speculate by prompt lookup: guess the next tokens from the text so far and check them all in one "
+        "pass. Faster when the answer quotes its input (code edits, extraction); the same answer either way.",
+    ),
+]
+Draft = Annotated[
+    str | None,
+    typer.Option(
+        "--draft",
+        help="Speculate with this draft model: a small model with the same tokenizer guesses the next tokens, "
+        "and they are checked all in one pass; the same answer either way.",
+        show_default=False,
+        metavar="MODEL",
+    ),
+]
+DraftMax = Annotated[int, typer.Option("--draft-max", min=1, max=47, help="Most tokens guessed at once.")]
+DraftMin = Annotated[
+    int,
+    typer.Option(
+        "--draft-min", min=0, max=47, help="Check at least this many guessed tokens, even where it does not pay."
+    ),
+]
+CacheTypeK = Annotated[
+    str, typer.Option("--cache-type-k", "-ctk", help="KV cache type for keys: f16, q8_0, q4_0...", metavar="TYPE")
+]
+CacheTypeV = Annotated[str, typer.Option("--cache-type-v", "-ctv", help="KV cache type for values.", metavar="TYPE")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Say what was loaded and how fast it ran, on stderr.")]
 
 
@@ -61,17 +92,41 @@ def resolve(model: str, no_pull: bool) -> ResolvedModel:
     return resolve_or_pull(Store(get_settings().home), model, None if no_pull or offline else pull_options())
 
 
+def speculation_options(
+    lookup: bool, draft: str | None, draft_max: int, draft_min: int, no_pull: bool
+) -> SpeculationOptions:
+    """--lookup or --draft MODEL (pulled like any model), and how many tokens to guess."""
+    from llmrun.engine.speculation import SpeculationOptions
+
+    if lookup and draft is not None:
+        raise UsageError("--lookup and --draft are two ways to guess tokens", "choose one of them")
+    if draft_min > draft_max:
+        raise UsageError(f"--draft-min {draft_min} is more than --draft-max {draft_max}", "lower --draft-min")
+    draft_path = resolve(draft, no_pull).path if draft is not None else None
+    return SpeculationOptions(lookup=lookup, draft=draft_path, draft_max=draft_max, draft_min=draft_min)
+
+
 def open_engine(
-    resolved: ResolvedModel, ctx: int | None, threads: int | None, gpu_layers: str | None, verbose: bool
+    resolved: ResolvedModel,
+    ctx: int | None,
+    threads: int | None,
+    gpu_layers: str | None,
+    verbose: bool,
+    speculation: SpeculationOptions | None = None,
+    cache_types: tuple[str, str] = ("f16", "f16"),
 ) -> Engine:
     """Load the model with the user's resource options (environment defaults otherwise)."""
     from llmrun.engine import Engine, LoadOptions
+    from llmrun.engine.speculation import SpeculationOptions
 
     settings = get_settings()
     options = LoadOptions(
         n_ctx=ctx,
         n_threads=threads or settings.threads,
         gpu_layers=gpu_layers or settings.gpu_layers,
+        cache_type_k=cache_types[0],
+        cache_type_v=cache_types[1],
+        speculation=speculation or SpeculationOptions(),
         debug=settings.debug,
     )
     engine = Engine(resolved.path, options)

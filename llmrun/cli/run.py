@@ -13,6 +13,7 @@ from llmrun.cli.output import notice, print_json, stdin_is_tty
 from llmrun.errors import ExitCode, UsageError
 from llmrun.reasoning import CONTENT, REASONING, ReasoningFormat
 from llmrun.settings import (
+    DEFAULT_DRAFT_MAX,
     DEFAULT_MIN_P,
     DEFAULT_REPEAT_PENALTY,
     DEFAULT_TEMPERATURE,
@@ -112,6 +113,7 @@ def _report(
                 "prompt_tokens": result.prompt_tokens,
                 "completion_tokens": result.completion_tokens,
                 "context_size": engine.seq_capacity,
+                **_speculation_record(engine, result),
                 "timings": {
                     "time_to_first_token_s": round(result.time_to_first_token_s, 6),
                     "prompt_tokens_per_s": round(result.prompt_tokens_per_s, 3),
@@ -129,7 +131,32 @@ def _report(
             f"({result.prompt_tokens_per_s:.1f} tokens/s); generation {result.completion_tokens} tokens in "
             f"{result.generation_s:.3f} s ({result.generation_tokens_per_s:.1f} tokens/s); "
             f"finish: {result.finish_reason}"
+            + (f"; {_speculation_summary(engine, result)}" if engine.speculation.enabled else "")
         )
+
+
+def _speculation_record(engine: Engine, result: GenerationResult) -> dict[str, Any]:
+    if not engine.speculation.enabled:
+        return {}
+    acceptance = result.accepted_tokens / result.drafted_tokens if result.drafted_tokens else 0.0
+    return {
+        "speculation": {
+            "method": "lookup" if engine.speculation.lookup else "draft",
+            "drafted_tokens": result.drafted_tokens,
+            "accepted_tokens": result.accepted_tokens,
+            "acceptance_rate": round(acceptance, 4),
+        }
+    }
+
+
+def _speculation_summary(engine: Engine, result: GenerationResult) -> str:
+    method = "lookup" if engine.speculation.lookup else "draft"
+    if not result.drafted_tokens:
+        return f"{method}: no guess was worth checking"
+    return (
+        f"{method}: {result.accepted_tokens} of {result.drafted_tokens} guessed tokens right "
+        f"({100 * result.accepted_tokens / result.drafted_tokens:.0f}%)"
+    )
 
 
 def run_command(
@@ -161,6 +188,12 @@ def run_command(
     ctx: options.Ctx = None,
     threads: options.Threads = None,
     gpu_layers: options.GpuLayers = None,
+    lookup: options.Lookup = False,
+    draft: options.Draft = None,
+    draft_max: options.DraftMax = DEFAULT_DRAFT_MAX,
+    draft_min: options.DraftMin = 0,
+    cache_type_k: options.CacheTypeK = "f16",
+    cache_type_v: options.CacheTypeV = "f16",
     json_output: Annotated[
         bool, typer.Option("--json", help="Print one JSON object: text, token counts, timings.")
     ] = False,
@@ -208,7 +241,10 @@ def run_command(
     from llmrun.engine.sampling import check_grammar, json_schema_grammar
     from llmrun.reasoning import reasoning_format
 
-    with options.open_engine(resolved, ctx, threads, gpu_layers, verbose) as engine:
+    speculation = options.speculation_options(lookup, draft, draft_max, draft_min, no_pull)
+    with options.open_engine(
+        resolved, ctx, threads, gpu_layers, verbose, speculation, (cache_type_k, cache_type_v)
+    ) as engine:
         if verbose and not raw and not engine.model.chat_template:
             notice("the model has no chat template: sending the prompt as plain text")
         sampling = options.sampling_params(temperature, top_p, top_k, min_p, repeat_penalty, seed)

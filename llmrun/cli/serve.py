@@ -9,10 +9,10 @@ from typing import Annotated, Any
 
 import typer
 
-from llmrun.cli.options import GpuLayers, NoPull, Threads, resolve
+from llmrun.cli.options import DraftMax, DraftMin, GpuLayers, Lookup, NoPull, Threads, resolve, speculation_options
 from llmrun.cli.output import notice, print_json, print_rows
 from llmrun.errors import LlmrunError, UsageError
-from llmrun.settings import get_settings
+from llmrun.settings import DEFAULT_DRAFT_MAX, get_settings
 
 ServerOption = Annotated[
     str | None,
@@ -69,6 +69,18 @@ def serve_command(
             help="MiB of host memory per model for prompts whose slot another request took (0: off).",
         ),
     ] = 1024,
+    lookup: Lookup = False,
+    draft: Annotated[
+        str | None,
+        typer.Option(
+            "--draft",
+            help="Speculate with this draft model, for every model that shares its tokenizer.",
+            show_default=False,
+            metavar="MODEL",
+        ),
+    ] = None,
+    draft_max: DraftMax = DEFAULT_DRAFT_MAX,
+    draft_min: DraftMin = 0,
     no_log: Annotated[bool, typer.Option("--no-log", help="Do not log exchanges (also LLMRUN_NO_LOG=1).")] = False,
     deterministic: Annotated[
         bool,
@@ -87,6 +99,7 @@ def serve_command(
     bind_host, bind_port = settings.host
     keep_alive_s = parse_keep_alive(keep_alive)
     resolved = [resolve(model, no_pull).name for model in models or []]
+    speculation = speculation_options(lookup, draft, draft_max, draft_min, no_pull)
     options = ServeOptions(
         host=host or bind_host,
         port=bind_port if port is None else port,
@@ -98,6 +111,10 @@ def serve_command(
             gpu_layers=gpu_layers or settings.gpu_layers,
             deterministic=deterministic,
             cache_ram_mb=cache_ram,
+            lookup=speculation.lookup,
+            draft=speculation.draft,
+            draft_max=speculation.draft_max,
+            draft_min=speculation.draft_min,
             keep_alive_s=300.0 if keep_alive_s is None else keep_alive_s,
             max_loaded=max_loaded,
             queue=queue,

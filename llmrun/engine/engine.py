@@ -11,8 +11,9 @@ from llmrun.engine.model import Model
 from llmrun.engine.native import NATIVE_LOG, init_native, llama_cpp
 from llmrun.engine.resources import ContextChoice, choose_context_size
 from llmrun.engine.scheduler import FinishReason, GenerationRequest, Scheduler, Sequence
+from llmrun.engine.speculation import SpeculationOptions
 from llmrun.engine.template import render_chat
-from llmrun.errors import ModelLoadError, PromptTooLong, UsageError
+from llmrun.errors import LlmrunError, ModelLoadError, PromptTooLong, UsageError
 from llmrun.machine import available_memory_bytes, physical_cores
 
 DEFAULT_N_BATCH = 2048
@@ -44,6 +45,7 @@ class LoadOptions:
     cache_type_v: str = "f16"
     flash_attn: bool | None = None  # None: llama.cpp decides (auto)
     host_cache_mb: int = 0  # slots' KV caches kept in host memory when their slot is taken (see HostCache)
+    speculation: SpeculationOptions = SpeculationOptions()
     debug: bool = False
 
 
@@ -61,6 +63,8 @@ class GenerationResult:
     generation_s: float
     total_s: float
     stop_sequence: str | None = None  # the stop string that ended it, if one did
+    drafted_tokens: int = 0  # guessed tokens verified (speculative decoding)
+    accepted_tokens: int = 0  # of those, the ones that were right
 
     @property
     def evaluated_prompt_tokens(self) -> int:
@@ -116,6 +120,8 @@ class Generation:
             generation_s=(timings.last_token or first) - first,
             total_s=end - timings.created,
             stop_sequence=sequence.stop_matcher.matched,
+            drafted_tokens=sequence.guesser.stats.drafted if sequence.guesser else 0,
+            accepted_tokens=sequence.guesser.stats.accepted if sequence.guesser else 0,
         )
 
 
@@ -146,20 +152,37 @@ class Engine:
             available_memory_bytes(),
         )
         self.n_threads = options.n_threads or physical_cores()
+        self.speculation = options.speculation
         self.ctx: Any = self._create_context(options)
         # llama.cpp pads the context (to 256); the limit we enforce is the size chosen, so --ctx means what it says.
         allocated_per_slot = int(llama_cpp.llama_n_ctx(self.ctx)) // options.n_slots
+        seq_capacity = min(self.context_choice.n_ctx, allocated_per_slot)
+        self.drafter = None
+        if options.speculation.draft is not None:
+            from llmrun.engine.draft import DraftModel
+
+            try:
+                self.drafter = DraftModel(
+                    options.speculation.draft, self.model, options.n_slots, seq_capacity, self.n_threads,
+                    options.gpu_layers,
+                )  # fmt: skip
+            except LlmrunError:
+                llama_cpp.llama_free(self.ctx)
+                self.model.close()
+                raise
         self._one_token = (llama_cpp.llama_token * 1)()
         self._one_token_batch = llama_cpp.llama_batch_get_one(self._one_token, 1)
         self.scheduler = Scheduler(
             self.model,
             self.ctx,
             n_slots=options.n_slots,
-            seq_capacity=min(self.context_choice.n_ctx, allocated_per_slot),
+            seq_capacity=seq_capacity,
             n_batch=options.n_batch,
             n_ubatch=options.n_ubatch,
             unified_kv=False,
             host_cache_bytes=options.host_cache_mb * 1024 * 1024,
+            speculation=options.speculation,
+            drafter=self.drafter,
         )
         self._embedding_ctx: Any = None
 
@@ -343,6 +366,9 @@ class Engine:
 
     def close(self) -> None:
         self.scheduler.close()
+        if self.drafter is not None:
+            self.drafter.close()
+            self.drafter = None
         if self._embedding_ctx is not None:
             llama_cpp.llama_free(self._embedding_ctx)
             self._embedding_ctx = None

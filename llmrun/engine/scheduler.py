@@ -12,11 +12,15 @@ import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmrun.engine.model import Model
 from llmrun.engine.native import llama_cpp
 from llmrun.engine.sampling import SamplerChain, SamplingParams
+from llmrun.engine.speculation import MAX_ROWS, DecodeCosts, Lookup, SpeculationOptions, best_draft_length
+
+if TYPE_CHECKING:
+    from llmrun.engine.draft import DraftGuesser, DraftModel
 from llmrun.engine.text import StopMatcher, Utf8Stream
 from llmrun.errors import LlmrunError
 
@@ -91,6 +95,8 @@ class Sequence:
     # A prompt prefix being evaluated in another slot right now: wait for it and copy its KV cells.
     prefix_source: Sequence | None = None
     prefix_len: int = 0
+    guesser: Lookup | DraftGuesser | None = None  # with speculative decoding
+    draft: list[int] = field(default_factory=list)  # guessed tokens after next_token, in this step's decode
 
     @property
     def prompt_len(self) -> int:
@@ -209,6 +215,8 @@ class Scheduler:
         n_ubatch: int | None = None,
         unified_kv: bool = False,
         host_cache_bytes: int = 0,
+        speculation: SpeculationOptions | None = None,
+        drafter: DraftModel | None = None,
     ) -> None:
         self.model = model
         self.unified_kv = unified_kv
@@ -234,6 +242,10 @@ class Scheduler:
         self._slot_admitted = [0] * n_slots  # when each slot last took a sequence (admission count; 0: never)
         self._admissions = 0
         self.host_cache = HostCache(host_cache_bytes) if host_cache_bytes > 0 else None
+        self.speculation = speculation or SpeculationOptions()
+        self.drafter = drafter
+        self.costs = DecodeCosts()  # what decodes of each size cost here: speculation's price list
+        self._costs_measured = not self.speculation.enabled
 
     def submit(self, request: GenerationRequest) -> Sequence:
         sequence = Sequence(
@@ -241,6 +253,12 @@ class Scheduler:
             sampler=SamplerChain(request.sampling, self.model.n_vocab, self.model.vocab),
             stop_matcher=StopMatcher(request.stop),
         )
+        if self.speculation.lookup:
+            sequence.guesser = Lookup(list(request.prompt_tokens))
+        elif self.drafter is not None:
+            from llmrun.engine.draft import DraftGuesser
+
+            sequence.guesser = DraftGuesser(self.drafter, list(request.prompt_tokens), self.costs)
         sequence.timings.created = time.perf_counter()
         self.waiting.append(sequence)
         return sequence
@@ -263,22 +281,29 @@ class Scheduler:
     def step(self) -> None:
         """Admit waiting sequences, decode one token of every running answer, feed prompt chunks, retire.
 
-        Each ``llama_decode`` holds either one token of each decoding sequence or one chunk of
-        one prompt (at least two tokens), never a mix: llama.cpp computes a sequence's lone
-        token in a batch by another kernel path than a token among several of its own, so
-        keeping that shape fixed gives a sequence the same numbers, and the same greedy answer,
-        whatever else runs beside it.
+        Each ``llama_decode`` holds either one token of each decoding sequence, or one sequence's
+        next token with the tokens guessed after it (speculation), or one chunk of one prompt (at
+        least two tokens), never a mix: llama.cpp computes a sequence's lone token in a batch by
+        another kernel path than a token among several of its own, so keeping that shape fixed
+        gives a sequence the same numbers, and the same greedy answer, whatever else runs beside it.
         """
+        self.prepare()
         self._admit()
         self._copy_ready_prefixes()
         for parts in self._plan():
             sampled = self._fill_batch(parts)
+            started = time.perf_counter()
             status = llama_cpp.llama_decode(self.ctx, self.batch)
             if status != 0:
                 self._fail([sequence for sequence, _, _ in parts], status)
                 continue
+            if all(sequence.status is SequenceStatus.DECODING for sequence, _, _ in parts):
+                self.costs.record(self.batch.n_tokens, time.perf_counter() - started)
             for sequence, batch_index in sampled:
-                self._sample_and_emit(sequence, batch_index)
+                if sequence.draft:
+                    self._verify(sequence, batch_index)
+                else:
+                    self._sample_and_emit(sequence, batch_index)
         self._retire()
 
     def _admit(self) -> None:
@@ -392,6 +417,17 @@ class Scheduler:
         """
         plans: list[list[tuple[Sequence, int, int]]] = []
         decoding = [sequence for sequence in self.running if sequence.status is SequenceStatus.DECODING]
+        if self.speculation.enabled:
+            plain: list[Sequence] = []
+            for order, sequence in enumerate(decoding):
+                # Guessed tokens make this sequence's rows outnumber the others', and llama.cpp decodes
+                # unequal sequences in separate passes anyway: it is decoded on its own.
+                sequence.draft = self._draft(sequence, others=len(decoding) - order - 1 + len(plain))
+                if sequence.draft:
+                    plans.append([(sequence, sequence.n_past, sequence.n_past + 1 + len(sequence.draft))])
+                else:
+                    plain.append(sequence)
+            decoding = plain
         for start in range(0, len(decoding), self.n_ubatch):
             chunk = sorted(decoding[start : start + self.n_ubatch], key=lambda sequence: sequence.slot)
             plans.append([(sequence, sequence.n_past, sequence.n_past + 1) for sequence in chunk])
@@ -411,17 +447,57 @@ class Scheduler:
             budget -= size
         return plans
 
+    def prepare(self) -> None:
+        """Before the first step, on the thread that will step: with speculation, time decodes of 1, 2, 4...
+        rows in an empty slot, to know what verifying guesses costs on this machine. (On another thread,
+        llama.cpp's CPU threads for that one would stay and slow every later decode.)"""
+        if self._costs_measured:
+            return
+        self._costs_measured = True
+        max_rows = min(self.speculation.draft_max, MAX_ROWS - 1) + 1
+        sizes = sorted({rows for rows in (1, 2, 4, 8, 16, 32, max_rows) if rows <= min(max_rows, self.n_ubatch)})
+        token = max(self.model.bos_token, 0)
+        slot = self.free_slots[-1]
+        for measured, rows in [(False, sizes[-1]), *((True, rows) for rows in sizes)]:  # the first warms up
+            for index in range(rows):
+                self._put(index, token, index, slot, True)
+            self.batch.n_tokens = rows
+            started = time.perf_counter()
+            status = llama_cpp.llama_decode(self.ctx, self.batch)
+            elapsed = time.perf_counter() - started
+            llama_cpp.llama_memory_seq_rm(self.memory, slot, -1, -1)
+            if status == 0 and measured:
+                self.costs.record(rows, elapsed)
+
+    def _draft(self, sequence: Sequence, others: int) -> list[int]:
+        """Tokens to guess after this sequence's next one, when verifying them is expected to pay."""
+        guesser = sequence.guesser
+        if guesser is None:
+            return []
+        room = min(self.speculation.draft_max, MAX_ROWS - 1, self.seq_capacity - sequence.n_past - 1)
+        if sequence.request.max_tokens is not None:
+            room = min(room, sequence.request.max_tokens - len(sequence.completion_tokens) - 1)
+        if room <= 0:
+            return []
+
+        def choose(likelihood: float, available: int, guess_cost: float) -> int:
+            count = best_draft_length(likelihood, available, others, self.costs, guess_cost)
+            return max(count, min(self.speculation.draft_min, available))
+
+        return guesser.propose(sequence.slot, room, choose)
+
     def _fill_batch(self, parts: list[tuple[Sequence, int, int]]) -> list[tuple[Sequence, int]]:
         """Write one decode's tokens into the batch; returns which sequences get logits at which index."""
         sampled: list[tuple[Sequence, int]] = []
         index = 0
         for sequence, begin, end in parts:
             if sequence.status is SequenceStatus.DECODING:
-                token: int = sequence.next_token  # type: ignore[assignment]
-                self._put(index, token, begin, sequence.slot, True)
-                self.slot_tokens[sequence.slot].append(token)
+                tokens: list[int] = [sequence.next_token, *sequence.draft]  # type: ignore[list-item]
+                for offset, token in enumerate(tokens):
+                    self._put(index + offset, token, begin + offset, sequence.slot, True)
+                self.slot_tokens[sequence.slot].extend(tokens)
                 sampled.append((sequence, index))
-                index += 1
+                index += len(tokens)
             else:
                 prompt = sequence.request.prompt_tokens
                 for position in range(begin, end):
@@ -443,9 +519,28 @@ class Scheduler:
         batch.seq_id[index][0] = slot
         batch.logits[index] = logits
 
-    def _sample_and_emit(self, sequence: Sequence, batch_index: int) -> None:
+    def _verify(self, sequence: Sequence, batch_index: int) -> None:
+        """Sample each row of a decode that carried guessed tokens, as far as the guesses were right; then
+        drop the rows past that from the cache."""
+        draft, sequence.draft = sequence.draft, []
+        first = sequence.n_past - len(draft) - 1  # the position of the row holding next_token
+        accepted = 0
+        for row in range(len(draft) + 1):
+            sequence.n_past = first + row + 1
+            token = self._sample_and_emit(sequence, batch_index + row)
+            if sequence.finished or row == len(draft) or token != draft[row]:
+                break
+            accepted += 1
+        if sequence.guesser is not None:
+            sequence.guesser.verified(len(draft), accepted)
+        if sequence.n_past < first + len(draft) + 1:
+            llama_cpp.llama_memory_seq_rm(self.memory, sequence.slot, sequence.n_past, -1)
+            del self.slot_tokens[sequence.slot][sequence.n_past :]
+
+    def _sample_and_emit(self, sequence: Sequence, batch_index: int) -> int | None:
+        """Sample the next token from the logits at ``batch_index``; None when the sequence ended instead."""
         if sequence.finished:
-            return
+            return None
         token = sequence.sampler.sample(self.ctx, batch_index)
         now = time.perf_counter()
         if sequence.status is SequenceStatus.PREFILL:
@@ -455,10 +550,12 @@ class Scheduler:
         request = sequence.request
         if not request.ignore_eos and self.model.is_end_of_generation(token):
             self._finish(sequence, FinishReason.STOP)
-            return
+            return None
         if request.logprobs is not None:
             sequence.pending_logprobs.append(self._logprob(batch_index, token, request.logprobs))
         sequence.completion_tokens.append(token)
+        if sequence.guesser is not None:
+            sequence.guesser.append(token)
         sequence.next_token = token
         text = sequence.stop_matcher.feed(sequence.utf8.feed(self.model.token_bytes(token)))
         sequence._emit(text)
@@ -469,6 +566,7 @@ class Scheduler:
         elif sequence.n_past >= self.seq_capacity:
             sequence.context_full = True
             self._finish(sequence, FinishReason.LENGTH)
+        return token
 
     def _logprob(self, batch_index: int, token: int, n_top: int) -> TokenLogprob:
         """The model's log-probabilities (before sampling options) at ``batch_index`` of the last decode."""

@@ -112,6 +112,7 @@ class EngineWorker:
 
     def _run(self) -> None:
         scheduler = self.engine.scheduler
+        scheduler.prepare()
         while True:
             with self._wake:
                 while not self._inbox and not scheduler.has_work and not self._stopping:

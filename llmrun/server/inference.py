@@ -58,6 +58,8 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0
+    drafted_tokens: int = 0  # speculative decoding: guessed tokens verified
+    accepted_tokens: int = 0  # and found right
 
     @property
     def total_tokens(self) -> int:
@@ -231,7 +233,10 @@ class Stream:
             text, calls = parser.final_content(), tuple(parser.tool_calls)
             if calls and reason == "stop":
                 reason = "tool_calls"
-        usage = Usage(result.prompt_tokens, result.completion_tokens, result.cached_tokens)
+        usage = Usage(
+            result.prompt_tokens, result.completion_tokens, result.cached_tokens, result.drafted_tokens,
+            result.accepted_tokens,
+        )  # fmt: skip
         finished = Finished(
             index=index,
             finish_reason=reason,

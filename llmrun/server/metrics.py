@@ -10,6 +10,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
+    from llmrun.server.inference import Usage
     from llmrun.server.pool import ModelPool
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -64,6 +65,12 @@ class Metrics:
         )
         self.prompt_tokens = Counter("llmrun_prompt_tokens", "Prompt tokens.", ["model"], registry=registry)
         self.generated_tokens = Counter("llmrun_generated_tokens", "Generated tokens.", ["model"], registry=registry)
+        self.drafted_tokens = Counter(
+            "llmrun_draft_tokens", "Tokens guessed by speculative decoding and verified.", ["model"], registry=registry
+        )
+        self.accepted_tokens = Counter(
+            "llmrun_draft_accepted_tokens", "Guessed tokens that were right.", ["model"], registry=registry
+        )
         self.time_to_first_token = Histogram(
             "llmrun_time_to_first_token_seconds",
             "From a request's arrival at its model to its first token.",
@@ -82,11 +89,13 @@ class Metrics:
     def watch(self, pool: ModelPool) -> None:
         self.registry.register(_PoolCollector(pool))
 
-    def observe_generation(
-        self, model: str, prompt_tokens: int, completion_tokens: int, ttft_s: float, generation_s: float
-    ) -> None:
-        self.prompt_tokens.labels(model).inc(prompt_tokens)
+    def observe_generation(self, model: str, usage: Usage, ttft_s: float, generation_s: float) -> None:
+        completion_tokens = usage.completion_tokens
+        self.prompt_tokens.labels(model).inc(usage.prompt_tokens)
         self.generated_tokens.labels(model).inc(completion_tokens)
+        if usage.drafted_tokens:
+            self.drafted_tokens.labels(model).inc(usage.drafted_tokens)
+            self.accepted_tokens.labels(model).inc(usage.accepted_tokens)
         if completion_tokens > 0:
             self.time_to_first_token.labels(model).observe(ttft_s)
         if completion_tokens > 1:

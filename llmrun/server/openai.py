@@ -231,12 +231,20 @@ def _usage(finished: list[Finished]) -> dict[str, Any]:
     prompt = finished[0].usage.prompt_tokens if finished else 0
     completion = sum(event.usage.completion_tokens for event in finished)
     cached = finished[0].usage.cached_tokens if finished else 0
-    return {
+    usage: dict[str, Any] = {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
         "prompt_tokens_details": {"cached_tokens": cached},
     }
+    drafted = sum(event.usage.drafted_tokens for event in finished)
+    if drafted:  # speculative decoding, in the fields OpenAI has for its predicted outputs
+        accepted = sum(event.usage.accepted_tokens for event in finished)
+        usage["completion_tokens_details"] = {
+            "accepted_prediction_tokens": accepted,
+            "rejected_prediction_tokens": drafted - accepted,
+        }
+    return usage
 
 
 def _chat_logprobs(entries: list[Any]) -> dict[str, Any]:

@@ -12,11 +12,12 @@ import json
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llmrun.errors import LlmrunError, ModelNotFound, UsageError
+from llmrun.errors import DraftMismatch, LlmrunError, ModelNotFound, UsageError
+from llmrun.settings import DEFAULT_DRAFT_MAX
 
 if TYPE_CHECKING:
     from llmrun.engine import Engine
@@ -55,6 +56,10 @@ class PoolOptions:
     queue: int | None = None  # requests waiting for a slot, per model; None: 4 x parallel
     deterministic: bool = False  # batch-invariant: flash attention off (see _load_engine)
     cache_ram_mb: int = DEFAULT_CACHE_RAM_MB  # per model: prompts' KV caches kept in host memory
+    lookup: bool = False  # speculative decoding by prompt lookup
+    draft: Path | None = None  # or with this draft model, for the models that share its vocabulary
+    draft_max: int = DEFAULT_DRAFT_MAX
+    draft_min: int = 0
     debug: bool = False
 
     @property
@@ -233,10 +238,7 @@ class ModelPool:
     def finished(self, request: InferenceRequest, model_name: str, event: Finished) -> None:
         """Count a finished answer in the metrics, and log it (off the event loop)."""
         if self.metrics is not None:
-            self.metrics.observe_generation(
-                model_name, event.usage.prompt_tokens, event.usage.completion_tokens,
-                event.time_to_first_token_s, event.generation_s,
-            )  # fmt: skip
+            self.metrics.observe_generation(model_name, event.usage, event.time_to_first_token_s, event.generation_s)
         if self.log_store is not None and self._log_writer is not None and event.error is None:
             try:
                 self._log_writer.submit(_log_exchange, self.log_store, request, model_name, event)
@@ -296,25 +298,32 @@ def _text(content: Any) -> str:
 
 def _load_engine(name: str, path: Path, options: PoolOptions) -> tuple[Engine, EngineWorker]:
     from llmrun.engine import Engine, LoadOptions
+    from llmrun.engine.speculation import SpeculationOptions
     from llmrun.engine.worker import EngineWorker
 
-    engine = Engine(
-        path,
-        LoadOptions(
-            n_ctx=options.ctx,
-            n_threads=options.threads,
-            gpu_layers=options.gpu_layers,
-            n_slots=options.parallel,
-            # Flash attention (llama.cpp turns it on where it is faster, as in llama-server) rounds
-            # differently with the number of queries in a chunk and of sequences in a batch, both of
-            # which depend on what else is running. --deterministic turns it off, and with the
-            # scheduler's fixed batch shapes (see Scheduler.step) a greedy answer is then the same
-            # alone or among others.
-            flash_attn=False if options.deterministic else None,
-            host_cache_mb=options.cache_ram_mb,
-            debug=options.debug,
+    load = LoadOptions(
+        n_ctx=options.ctx,
+        n_threads=options.threads,
+        gpu_layers=options.gpu_layers,
+        n_slots=options.parallel,
+        # Flash attention (llama.cpp turns it on where it is faster, as in llama-server) rounds
+        # differently with the number of queries in a chunk and of sequences in a batch, both of
+        # which depend on what else is running. --deterministic turns it off, and with the
+        # scheduler's fixed batch shapes (see Scheduler.step) a greedy answer is then the same
+        # alone or among others.
+        flash_attn=False if options.deterministic else None,
+        host_cache_mb=options.cache_ram_mb,
+        speculation=SpeculationOptions(
+            lookup=options.lookup, draft=options.draft, draft_max=options.draft_max, draft_min=options.draft_min
         ),
+        debug=options.debug,
     )
+    try:
+        engine = Engine(path, load)
+    except DraftMismatch as error:
+        # One --draft for a server of several models: those of another family are served without it.
+        sys.stderr.write(f"warning: {error.message}; serving {name} without speculation\n")
+        engine = Engine(path, replace(load, speculation=SpeculationOptions()))
     with contextlib.suppress(LlmrunError):  # compile the chat template now, not in the first request
         engine.chat_prompt([{"role": "user", "content": "Hi"}])
     return engine, EngineWorker(engine, name)
