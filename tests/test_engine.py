@@ -348,3 +348,36 @@ def test_grammar_checked_after_the_pick_gives_the_grammar_first_greedy_token(
         chain.close()
         llama_cpp.llama_sampler_free(reference)
     assert len(produced) > 10
+
+
+def test_every_worker_computes_on_one_thread(tiny_model: Path) -> None:
+    """Two models served at once take turns on one thread: llama.cpp's OpenMP keeps a team of threads per
+    thread that ever decoded, and a second team on a small machine slowed every decode (see engine.worker)."""
+    import threading
+
+    from llmrun.engine.worker import EngineWorker, SequenceUpdate
+
+    workers = [EngineWorker(Engine(tiny_model, LoadOptions(n_ctx=256)), f"tiny{n}") for n in range(2)]
+    try:
+        done = [threading.Event() for _ in workers]
+        texts: list[list[str]] = [[], []]
+        threads: set[str] = set()
+
+        def receiver(index: int) -> object:
+            def on_update(update: SequenceUpdate) -> None:
+                threads.add(threading.current_thread().name)
+                texts[index].append(update.text)
+                if update.last:
+                    done[index].set()
+
+            return on_update
+
+        for index, worker in enumerate(workers):
+            request = GenerationRequest((1, 2, 3), GREEDY, max_tokens=8, ignore_eos=True)
+            worker.submit(request, receiver(index))  # type: ignore[arg-type]
+        assert all(event.wait(60) for event in done)
+        assert threads == {"llmrun-engines"}
+        assert all("".join(parts) for parts in texts)
+    finally:
+        for worker in workers:
+            worker.stop()
