@@ -25,7 +25,9 @@ from pathlib import Path
 
 from llmrun.settings import DEFAULT_DRAFT_MAX
 
-NGRAM = 3  # tokens of context a guess is looked up by
+# Tokens of context a guess is looked up by: the last occurrence of the last 12 tokens when there is one
+# (the text is being copied, and that occurrence is the one being copied), else of the last 3.
+NGRAMS = (12, 3)
 # How far the text before a guess matches the text before the earlier occurrence it was taken
 # from: a long match means the model is copying, and its guesses come true far more often.
 # Acceptance is learned separately for matches up to each of these lengths (and longer ones).
@@ -138,9 +140,10 @@ class Lookup:
     """One sequence's text as tokens, indexed by n-gram, and how often guesses from it come true."""
 
     history: list[int]
-    index: dict[tuple[int, ...], int] = field(default_factory=dict)
+    # Per n-gram length: the n-gram -> where the token after its last occurrence is.
+    index: dict[int, dict[tuple[int, ...], int]] = field(default_factory=lambda: {n: {} for n in NGRAMS})
     # Per match-length bucket: how often a guessed token came true (given the ones before it did).
-    acceptance: list[float] = field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9])
+    acceptance: list[float] = field(default_factory=lambda: [0.5, 0.6, 0.8, 0.9, 0.95])
     stats: SpeculationStats = field(default_factory=SpeculationStats)
     bucket: int = 0  # of the last guess
     # A guess not sent for verification, checked against the tokens generated after it.
@@ -150,8 +153,9 @@ class Lookup:
 
     def __post_init__(self) -> None:
         history = self.history
-        for end in range(NGRAM, len(history)):
-            self.index[tuple(history[end - NGRAM : end])] = end
+        for n, index in self.index.items():
+            for end in range(n, len(history)):
+                index[tuple(history[end - n : end])] = end
 
     def propose(self, slot: int, room: int, choose: Chooser) -> list[int]:
         """The guessed tokens to verify in this step (none when verifying them would not pay)."""
@@ -161,14 +165,17 @@ class Lookup:
         return guess[:guessed]
 
     def guess(self, limit: int) -> list[int]:
-        """The tokens that followed the last earlier occurrence of the text's last n-gram."""
+        """The tokens that followed the last earlier occurrence of the text's last n-gram (the longest n)."""
         history = self.history
-        if limit <= 0 or len(history) < NGRAM:
+        if limit <= 0:
             return []
-        start = self.index.get(tuple(history[-NGRAM:]))
+        start = None
+        for n, index in self.index.items():
+            if len(history) >= n and (start := index.get(tuple(history[-n:]))) is not None:
+                break
         if start is None:
             return []
-        matched = NGRAM
+        matched = n
         while matched < MATCH_BUCKETS[-1] and start > matched and history[start - matched - 1] == history[-matched - 1]:
             matched += 1
         self.bucket = next((i for i, bound in enumerate(MATCH_BUCKETS) if matched <= bound), len(MATCH_BUCKETS))
@@ -191,8 +198,9 @@ class Lookup:
         history = self.history
         history.append(token)
         end = len(history) - 1
-        if end >= NGRAM:
-            self.index[tuple(history[end - NGRAM : end])] = end
+        for n, index in self.index.items():
+            if end >= n:
+                index[tuple(history[end - n : end])] = end
         if self._shadow:
             right = self._shadow[self._shadow_at] == token
             self._learn(self._shadow_bucket, right)
