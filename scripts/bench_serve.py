@@ -91,15 +91,19 @@ class Server:
                 self.log.seek(0)
                 raise RuntimeError(f"{self.name} exited: {self.log.read().decode(errors='replace')[-2000:]}")
             try:
-                ready = httpx.post(f"{self.url}/v1/chat/completions", timeout=30, json={
-                    "model": self.model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})  # fmt: skip
-                if ready.status_code == 200:
+                if self.ready():
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
         self.stop()
         raise RuntimeError(f"{self.name} did not start")
+
+    def ready(self) -> bool:
+        """The server answers a chat request."""
+        response = httpx.post(f"{self.url}/v1/chat/completions", timeout=30, json={
+            "model": self.model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})  # fmt: skip
+        return response.status_code == 200
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -61,7 +61,6 @@ import json
 import os
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -220,21 +219,11 @@ class Reply:
 class HealthServer(Server):
     """A bench_serve Server that is ready when `/health` answers 200, then asks for the name to use."""
 
-    def start(self, timeout_s: float = 300) -> None:
-        self.log = tempfile.TemporaryFile()  # noqa: SIM115 - closed with the server
-        self.process = subprocess.Popen(self.command, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                self.log.seek(0)
-                raise RuntimeError(f"{self.name} exited: {self.log.read().decode(errors='replace')[-2000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
-                    self.model = _served_model(self.url) or self.model
-                    return
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"{self.name} did not become healthy in {timeout_s:.0f}s")
+    def ready(self) -> bool:
+        if httpx.get(f"{self.url}/health", timeout=5).status_code != 200:
+            return False
+        self.model = _served_model(self.url) or self.model
+        return True
 
 
 # What llmrun says of a draft it cannot use: "error: D cannot draft for M: ..." or "warning: ...; serving M without

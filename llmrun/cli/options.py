@@ -134,5 +134,6 @@ def open_engine(
         notice(
             f"loaded {resolved.name} ({engine.model.description}) from {resolved.path}; "
             f"{engine.context_choice.reason}; {engine.n_threads} threads; {engine.model.n_gpu_layers} GPU layers"
+            + (f"; draft model {engine.drafter.model.path.name}" if engine.drafter is not None else "")
         )
     return engine

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmrun.engine.model import Model
 from llmrun.engine.native import NATIVE_LOG, init_native, llama_cpp
@@ -15,6 +15,9 @@ from llmrun.engine.speculation import SpeculationOptions
 from llmrun.engine.template import render_chat
 from llmrun.errors import LlmrunError, ModelLoadError, PromptTooLong, UsageError
 from llmrun.machine import available_memory_bytes, physical_cores
+
+if TYPE_CHECKING:
+    from llmrun.engine.draft import DraftModel
 
 DEFAULT_N_BATCH = 2048
 DEFAULT_N_UBATCH = 512
@@ -157,7 +160,7 @@ class Engine:
         # llama.cpp pads the context (to 256); the limit we enforce is the size chosen, so --ctx means what it says.
         allocated_per_slot = int(llama_cpp.llama_n_ctx(self.ctx)) // options.n_slots
         seq_capacity = min(self.context_choice.n_ctx, allocated_per_slot)
-        self.drafter = None
+        self.drafter: DraftModel | None = None
         if options.speculation.draft is not None:
             from llmrun.engine.draft import DraftModel
 

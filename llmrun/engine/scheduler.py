@@ -18,11 +18,11 @@ from llmrun.engine.model import Model
 from llmrun.engine.native import llama_cpp
 from llmrun.engine.sampling import SamplerChain, SamplingParams
 from llmrun.engine.speculation import MAX_ROWS, DecodeCosts, Lookup, SpeculationOptions, best_draft_length
+from llmrun.engine.text import StopMatcher, Utf8Stream
+from llmrun.errors import LlmrunError
 
 if TYPE_CHECKING:
     from llmrun.engine.draft import DraftGuesser, DraftModel
-from llmrun.engine.text import StopMatcher, Utf8Stream
-from llmrun.errors import LlmrunError
 
 
 @dataclass(frozen=True)
