@@ -310,3 +310,22 @@ def test_serve_with_lookup_gives_eight_clients_their_answers_alone(smollm2_cli: 
         assert drafted and float(drafted[0].split()[-1]) > 0
     finally:
         assert server.stop() == 0
+
+
+def test_serve_with_a_draft_model_and_one_it_cannot_draft_for(cli: Cli, smollm2: Path, tiny_model: Path) -> None:
+    for path, name in ((smollm2, "smollm2"), (tiny_model, "tiny")):
+        result = cli("import", str(path), "--name", name, "--link")
+        assert result.returncode == 0, result.stderr
+    server = Server(cli, "--draft", "smollm2", "--draft-min", "3", "--ctx", "512", "--no-log")
+    try:
+        client = server.openai()
+        messages: Any = [{"role": "user", "content": "Name three colours."}]
+        response = client.chat.completions.create(model="smollm2", messages=messages, temperature=0, max_tokens=40)
+        details = response.usage.completion_tokens_details  # type: ignore[union-attr]
+        assert details is not None and details.accepted_prediction_tokens > 0
+        # Another family: served without the draft, with a warning on the server's stderr.
+        other = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=8)
+        assert other.usage is not None and other.usage.completion_tokens > 0
+    finally:
+        assert server.stop() == 0
+    assert "cannot draft for" in server.process.stderr.read()  # type: ignore[union-attr]
