@@ -48,6 +48,7 @@ DEFAULT_MIN_P = 0.05
 DEFAULT_REPEAT_PENALTY = 1.1
 DEFAULT_REPEAT_LAST_N = 64
 DEFAULT_DRAFT_MAX = 16  # speculative decoding: most tokens guessed at once
+KV_CACHE_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")  # as llama.cpp's --cache-type-k
 
 
 @dataclass(frozen=True)

@@ -287,7 +287,8 @@ def test_run_refuses_a_draft_of_another_family_in_one_line(smollm2_cli: Cli, tin
 
 
 def test_serve_with_lookup_gives_eight_clients_their_answers_alone(smollm2_cli: Cli) -> None:
-    server = Server(smollm2_cli, "--lookup", "--draft-min", "2", "--parallel", "8", "--ctx", "512", "--no-log")
+    options = "--lookup --draft-min 2 --parallel 8 --ctx 512 -ctk q8_0 -ctv q8_0 --no-log"
+    server = Server(smollm2_cli, *options.split())
     try:
         client = server.openai()
         # Prompts under 64 tokens: a longer one, found in part in a slot's cache, would have its end evaluated in a

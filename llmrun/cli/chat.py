@@ -302,6 +302,8 @@ def chat_command(
     ] = None,
     threads: options.Threads = None,
     gpu_layers: options.GpuLayers = None,
+    cache_type_k: options.CacheTypeK = "f16",
+    cache_type_v: options.CacheTypeV = "f16",
     lookup: options.Lookup = False,
     draft: options.Draft = None,
     draft_max: options.DraftMax = DEFAULT_DRAFT_MAX,
@@ -335,7 +337,8 @@ def chat_command(
     def reopen(reference: str) -> tuple[Engine, str]:
         resolved = options.resolve(reference, no_pull)
         speculation = options.speculation_options(lookup, draft, draft_max, draft_min, no_pull)
-        return options.open_engine(resolved, ctx, threads, gpu_layers, verbose, speculation), resolved.name
+        cache_types = (cache_type_k, cache_type_v)
+        return options.open_engine(resolved, ctx, threads, gpu_layers, verbose, speculation, cache_types), resolved.name
 
     engine, name = reopen(model or settings.default_model)
     session = ChatSession(

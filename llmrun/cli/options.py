@@ -9,7 +9,7 @@ import typer
 
 from llmrun.cli.output import notice
 from llmrun.errors import UsageError
-from llmrun.settings import env_flag, get_settings
+from llmrun.settings import KV_CACHE_TYPES, env_flag, get_settings
 
 if TYPE_CHECKING:
     from llmrun.engine import Engine, SamplingParams
@@ -65,10 +65,27 @@ DraftMin = Annotated[
         "--draft-min", min=0, max=47, help="Check at least this many guessed tokens, even where it does not pay."
     ),
 ]
+
+
+def _cache_type(name: str) -> str:
+    if name.lower() not in KV_CACHE_TYPES:
+        raise UsageError(f"unknown KV cache type {name!r}", f"use one of {', '.join(KV_CACHE_TYPES)}")
+    return name.lower()
+
+
 CacheTypeK = Annotated[
-    str, typer.Option("--cache-type-k", "-ctk", help="KV cache type for keys: f16, q8_0, q4_0...", metavar="TYPE")
+    str,
+    typer.Option(
+        "--cache-type-k",
+        "-ctk",
+        help="KV cache type for keys: f16, q8_0, q4_0...",
+        metavar="TYPE",
+        callback=_cache_type,
+    ),
 ]
-CacheTypeV = Annotated[str, typer.Option("--cache-type-v", "-ctv", help="KV cache type for values.", metavar="TYPE")]
+CacheTypeV = Annotated[
+    str, typer.Option("--cache-type-v", "-ctv", help="KV cache type for values.", metavar="TYPE", callback=_cache_type)
+]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Say what was loaded and how fast it ran, on stderr.")]
 
 

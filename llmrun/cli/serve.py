@@ -9,7 +9,18 @@ from typing import Annotated, Any
 
 import typer
 
-from llmrun.cli.options import DraftMax, DraftMin, GpuLayers, Lookup, NoPull, Threads, resolve, speculation_options
+from llmrun.cli.options import (
+    CacheTypeK,
+    CacheTypeV,
+    DraftMax,
+    DraftMin,
+    GpuLayers,
+    Lookup,
+    NoPull,
+    Threads,
+    resolve,
+    speculation_options,
+)
 from llmrun.cli.output import notice, print_json, print_rows
 from llmrun.errors import LlmrunError, UsageError
 from llmrun.settings import DEFAULT_DRAFT_MAX, get_settings
@@ -69,6 +80,8 @@ def serve_command(
             help="MiB of host memory per model for prompts whose slot another request took (0: off).",
         ),
     ] = 1024,
+    cache_type_k: CacheTypeK = "f16",
+    cache_type_v: CacheTypeV = "f16",
     lookup: Lookup = False,
     draft: Annotated[
         str | None,
@@ -111,6 +124,8 @@ def serve_command(
             gpu_layers=gpu_layers or settings.gpu_layers,
             deterministic=deterministic,
             cache_ram_mb=cache_ram,
+            cache_type_k=cache_type_k,
+            cache_type_v=cache_type_v,
             lookup=speculation.lookup,
             draft=speculation.draft,
             draft_max=speculation.draft_max,

@@ -15,6 +15,7 @@ from llmrun.engine.speculation import SpeculationOptions
 from llmrun.engine.template import render_chat
 from llmrun.errors import LlmrunError, ModelLoadError, PromptTooLong, UsageError
 from llmrun.machine import available_memory_bytes, physical_cores
+from llmrun.settings import KV_CACHE_TYPES
 
 if TYPE_CHECKING:
     from llmrun.engine.draft import DraftModel
@@ -24,13 +25,10 @@ DEFAULT_N_UBATCH = 512
 EMBEDDING_MAX_CONTEXT = 2048  # one ubatch holds a whole input: its compute buffer grows with the square
 
 
-GGML_CACHE_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
-
-
 def _ggml_type(name: str) -> int:
     """A KV cache type name (as llama.cpp's --cache-type-k takes it) to its ggml_type number."""
-    if name.lower() not in GGML_CACHE_TYPES:
-        raise UsageError(f"unknown KV cache type {name!r}", f"use one of {', '.join(GGML_CACHE_TYPES)}")
+    if name.lower() not in KV_CACHE_TYPES:
+        raise UsageError(f"unknown KV cache type {name!r}", f"use one of {', '.join(KV_CACHE_TYPES)}")
     return int(getattr(llama_cpp, f"GGML_TYPE_{name.upper()}"))
 
 

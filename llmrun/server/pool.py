@@ -56,6 +56,8 @@ class PoolOptions:
     queue: int | None = None  # requests waiting for a slot, per model; None: 4 x parallel
     deterministic: bool = False  # batch-invariant: flash attention off (see _load_engine)
     cache_ram_mb: int = DEFAULT_CACHE_RAM_MB  # per model: prompts' KV caches kept in host memory
+    cache_type_k: str = "f16"  # the KV cache's types (ggml type names)
+    cache_type_v: str = "f16"
     lookup: bool = False  # speculative decoding by prompt lookup
     draft: Path | None = None  # or with this draft model, for the models that share its vocabulary
     draft_max: int = DEFAULT_DRAFT_MAX
@@ -313,6 +315,8 @@ def _load_engine(name: str, path: Path, options: PoolOptions) -> tuple[Engine, E
         # alone or among others.
         flash_attn=False if options.deterministic else None,
         host_cache_mb=options.cache_ram_mb,
+        cache_type_k=options.cache_type_k,
+        cache_type_v=options.cache_type_v,
         speculation=SpeculationOptions(
             lookup=options.lookup, draft=options.draft, draft_max=options.draft_max, draft_min=options.draft_min
         ),
