@@ -7,7 +7,10 @@ the last occurrence are a guess at what comes next. The guess rides along in the
 would be: the sampled token is emitted, and the next row counts only if the guess there was
 right. So the answer is the one plain decoding gives, token for token, with the same seed
 too (sampling from the target and comparing to a fixed guess is speculative sampling with a
-one-point draft distribution: it accepts a guess with the target's own probability).
+one-point draft distribution: it accepts a guess with the target's own probability). That
+holds as far as llama.cpp computes a row of a batch as it computes a lone token: always,
+except that with an f16 (or f32) KV cache its CPU flash attention splits a lone token's work
+across threads once the cache holds 512 cells, and sums in another order from there.
 
 Verifying is not free. On a CPU with few cores a decode of n rows costs far more than one
 row (measured here: 9 rows ~5x, 17 rows ~9x one row on a 2-core machine), so a guess pays
@@ -38,8 +41,8 @@ PRIOR_ROW_COST = 0.6
 COST_WEIGHT = 0.25  # of a new timing in the running average per row count
 ACCEPTANCE_WEIGHT = 0.08  # of one guessed token's outcome in the running acceptance rate
 MIN_GAIN = 1.05  # speculate only when the expected rate beats plain decoding by this much
-# Verify rows stay below llama.cpp's tiled attention path (64 query rows), so each row is computed
-# like a lone token's, whatever the number of rows.
+# Verify rows stay below llama.cpp's tiled flash-attention path (64 query rows): every row of a verify is
+# computed alike, whatever their number.
 MAX_ROWS = 48
 
 
