@@ -80,6 +80,22 @@ class DraftModel:
         self.slot_tokens: list[list[int]] = [[] for _ in range(n_slots)]
         self.token_seconds: float | None = None  # one draft token's decode (running average)
 
+    def measure(self) -> None:
+        """Time a decode of one token, so that the first decision to draft knows what drafting costs."""
+        token = max(self.model.bos_token, 0)
+        for position in range(3):  # the first warms up
+            started = time.perf_counter()
+            if not self._decode(0, [token], position):
+                return
+            if position:
+                self._record(time.perf_counter() - started)
+        llama_cpp.llama_memory_seq_rm(self.memory, 0, -1, -1)
+        self.slot_tokens[0].clear()
+
+    def _record(self, seconds: float) -> None:
+        previous = self.token_seconds
+        self.token_seconds = seconds if previous is None else previous + COST_WEIGHT * (seconds - previous)
+
     def draft(self, slot: int, history: list[int], count: int) -> list[int]:
         """Up to ``count`` greedy tokens to follow ``history`` (the sequence's tokens so far)."""
         held = self.slot_tokens[slot]
@@ -105,9 +121,7 @@ class DraftModel:
             started = time.perf_counter()
             if not self._decode(slot, [token], len(history) + len(guessed) - 1):
                 break
-            elapsed = time.perf_counter() - started
-            previous = self.token_seconds
-            self.token_seconds = elapsed if previous is None else previous + COST_WEIGHT * (elapsed - previous)
+            self._record(time.perf_counter() - started)
         return guessed
 
     def _decode(self, slot: int, tokens: list[int], position: int) -> bool:

@@ -468,6 +468,8 @@ class Scheduler:
             llama_cpp.llama_memory_seq_rm(self.memory, slot, -1, -1)
             if status == 0 and measured:
                 self.costs.record(rows, elapsed)
+        if self.drafter is not None:
+            self.drafter.measure()
 
     def _draft(self, sequence: Sequence, others: int) -> list[int]:
         """Tokens to guess after this sequence's next one, when verifying them is expected to pay."""
