@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import bench_spec
 import httpx
 import pytest
 from conftest import Cli
@@ -31,29 +32,9 @@ CODE = """def common_prefix(cached, prompt):
         length += 1
     return length"""
 COPY = [{"role": "system", "content": "You copy text exactly."}, {"role": "user", "content": CODE}]
-# Long enough that SmolLM2 copies most of it; its answer reaches past 256 cells of the cache.
-LONG_CODE = '''def _common_prefix(cached: list[int] | tuple[int, ...], prompt: tuple[int, ...]) -> int:
-    length = 0
-    for cached_token, prompt_token in zip(cached, prompt, strict=False):
-        if cached_token != prompt_token:
-            break
-        length += 1
-    return length
-
-
-class HostCache:
-    """Slots' KV caches saved in host memory when a new request takes their slot, up to ``budget`` bytes.
-
-    A later prompt that starts like a saved one (a conversation's next turn, after its slot
-    went to another) gets it back into a slot in a copy, instead of evaluating it again: as
-    llama-server's ``--cache-ram``. The least recently used entries go first.
-    """
-
-    def __init__(self, budget: int) -> None:
-        self.budget = budget
-        self.used = 0
-        self.entries: OrderedDict[tuple[int, ...], ctypes.Array[ctypes.c_uint8]] = OrderedDict()
-'''
+# The benchmark's code to copy: long enough that SmolLM2 copies most of it, and its answer reaches past 256
+# cells of the cache.
+LONG_CODE = bench_spec.CODE
 LONG_COPY = [{"role": "system", "content": "You copy text exactly."}, {"role": "user", "content": LONG_CODE}]
 # With an f16 KV cache, llama.cpp's flash attention splits a lone token's work across threads once a
 # sequence reaches 256 cells (512 with padding), and a row of a batch is summed in another order: past

@@ -308,9 +308,8 @@ def bench_command(
     ]  # fmt: skip
     speculation = options.speculation_options(lookup, draft, draft_max, draft_min, no_pull)
     if speculation.enabled:
-        method = "lookup" if lookup else "draft"
         copies = [replace(test, n_prompt=0, speculation=kind) for test in tests if test.n_gen and not test.n_prompt
-                  for kind in ("plain", method)]  # fmt: skip
+                  for kind in ("plain", speculation.method)]  # fmt: skip
         if not copies:
             raise UsageError("--lookup and --draft measure generation, and no -n is given", "e.g. -n 128")
         tests += copies

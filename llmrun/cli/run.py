@@ -141,7 +141,7 @@ def _speculation_record(engine: Engine, result: GenerationResult) -> dict[str, A
     acceptance = result.accepted_tokens / result.drafted_tokens if result.drafted_tokens else 0.0
     return {
         "speculation": {
-            "method": "lookup" if engine.speculation.lookup else "draft",
+            "method": engine.speculation.method,
             "drafted_tokens": result.drafted_tokens,
             "accepted_tokens": result.accepted_tokens,
             "acceptance_rate": round(acceptance, 4),
@@ -150,7 +150,7 @@ def _speculation_record(engine: Engine, result: GenerationResult) -> dict[str, A
 
 
 def _speculation_summary(engine: Engine, result: GenerationResult) -> str:
-    method = "lookup" if engine.speculation.lookup else "draft"
+    method = engine.speculation.method
     if not result.drafted_tokens:
         return f"{method}: no guess was worth checking"
     return (

@@ -15,17 +15,18 @@ from typing import Any
 from llmrun.engine.model import Model
 from llmrun.engine.native import NATIVE_LOG, llama_cpp
 from llmrun.engine.speculation import (
-    ACCEPTANCE_WEIGHT,
     COST_WEIGHT,
     DRAFT_PRIOR_ACCEPTANCE,
     Chooser,
     DecodeCosts,
     SpeculationStats,
+    learned_from_verify,
 )
 from llmrun.errors import DraftMismatch, ModelLoadError
 
 # As llama.cpp's speculative example: vocabularies may differ by this many (padding) tokens at the end.
 MAX_VOCAB_DIFFERENCE = 128
+N_BATCH = 512  # tokens the draft evaluates in one decode when it catches up
 
 
 def vocabulary_mismatch(target: Model, draft: Model) -> str | None:
@@ -59,7 +60,7 @@ class DraftModel:
         self.n_vocab = min(target.n_vocab, self.model.n_vocab)
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = seq_capacity * n_slots
-        params.n_batch = params.n_ubatch = 512
+        params.n_batch = params.n_ubatch = N_BATCH
         params.n_seq_max = n_slots
         params.n_threads = params.n_threads_batch = n_threads
         params.kv_unified = False
@@ -74,8 +75,7 @@ class DraftModel:
                 "try a smaller --ctx",
             )
         self.memory = llama_cpp.llama_get_memory(self.ctx)
-        self.n_batch = 512
-        self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self.batch = llama_cpp.llama_batch_init(N_BATCH, 0, 1)
         self.greedy = llama_cpp.llama_sampler_init_greedy()
         self.slot_tokens: list[list[int]] = [[] for _ in range(n_slots)]
         self.token_seconds: float | None = None  # one draft token's decode (running average)
@@ -107,8 +107,8 @@ class DraftModel:
         shared = min(shared, len(history) - 1)  # the last token is evaluated again, for its logits
         llama_cpp.llama_memory_seq_rm(self.memory, slot, shared, -1)
         del held[shared:]
-        for start in range(shared, len(history), self.n_batch):
-            if not self._decode(slot, history[start : start + self.n_batch], start):
+        for start in range(shared, len(history), N_BATCH):
+            if not self._decode(slot, history[start : start + N_BATCH], start):
                 return []
         guessed: list[int] = []
         while True:
@@ -174,10 +174,5 @@ class DraftGuesser:
         self.history.append(token)
 
     def verified(self, drafted: int, accepted: int) -> None:
-        self.stats.drafted += drafted
-        self.stats.accepted += accepted
-        self.stats.verifies += 1
-        for _ in range(accepted):
-            self.acceptance += ACCEPTANCE_WEIGHT * (1.0 - self.acceptance)
-        if accepted < drafted:
-            self.acceptance -= ACCEPTANCE_WEIGHT * self.acceptance
+        self.stats.record(drafted, accepted)
+        self.acceptance = learned_from_verify(self.acceptance, drafted, accepted)

@@ -297,7 +297,7 @@ class Scheduler:
             if status != 0:
                 self._fail([sequence for sequence, _, _ in parts], status)
                 continue
-            if all(sequence.status is SequenceStatus.DECODING for sequence, _, _ in parts):
+            if self.speculation.enabled and all(sequence.status is SequenceStatus.DECODING for sequence, _, _ in parts):
                 self.costs.record(self.batch.n_tokens, time.perf_counter() - started)
             for sequence, batch_index in sampled:
                 if sequence.draft:

@@ -59,6 +59,11 @@ class SpeculationOptions:
     def enabled(self) -> bool:
         return self.lookup or self.draft is not None
 
+    @property
+    def method(self) -> str:
+        """ "lookup", "draft", or "" without speculation."""
+        return "lookup" if self.lookup else "draft" if self.draft is not None else ""
+
 
 @dataclass
 class SpeculationStats:
@@ -66,11 +71,22 @@ class SpeculationStats:
 
     drafted: int = 0
     accepted: int = 0
-    verifies: int = 0
 
-    @property
-    def acceptance(self) -> float:
-        return self.accepted / self.drafted if self.drafted else 0.0
+    def record(self, drafted: int, accepted: int) -> None:
+        self.drafted += drafted
+        self.accepted += accepted
+
+
+def learned(rate: float, right: bool) -> float:
+    """A running acceptance rate after one more guessed token came true, or did not."""
+    return rate + ACCEPTANCE_WEIGHT * ((1.0 if right else 0.0) - rate)
+
+
+def learned_from_verify(rate: float, drafted: int, accepted: int) -> float:
+    """A running acceptance rate after a verify found the first ``accepted`` of ``drafted`` guesses right."""
+    for _ in range(accepted):
+        rate = learned(rate, True)
+    return learned(rate, False) if accepted < drafted else rate
 
 
 class DecodeCosts:
@@ -206,20 +222,12 @@ class Lookup:
                 index[tuple(history[end - n : end])] = end
         if self._shadow:
             right = self._shadow[self._shadow_at] == token
-            self._learn(self._shadow_bucket, right)
+            self.acceptance[self._shadow_bucket] = learned(self.acceptance[self._shadow_bucket], right)
             self._shadow_at += 1
             if not right or self._shadow_at == len(self._shadow):
                 self._shadow = []
 
     def verified(self, drafted: int, accepted: int) -> None:
         """A verify checked ``drafted`` guessed tokens and found the first ``accepted`` right."""
-        self.stats.drafted += drafted
-        self.stats.accepted += accepted
-        self.stats.verifies += 1
-        for _ in range(accepted):
-            self._learn(self.bucket, True)
-        if accepted < drafted:
-            self._learn(self.bucket, False)
-
-    def _learn(self, bucket: int, right: bool) -> None:
-        self.acceptance[bucket] += ACCEPTANCE_WEIGHT * ((1.0 if right else 0.0) - self.acceptance[bucket])
+        self.stats.record(drafted, accepted)
+        self.acceptance[self.bucket] = learned_from_verify(self.acceptance[self.bucket], drafted, accepted)

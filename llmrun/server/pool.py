@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmrun.errors import DraftMismatch, LlmrunError, ModelNotFound, UsageError
-from llmrun.settings import DEFAULT_DRAFT_MAX
 
 if TYPE_CHECKING:
     from llmrun.engine import Engine
+    from llmrun.engine.speculation import SpeculationOptions
     from llmrun.engine.worker import EngineWorker
     from llmrun.logs import Exchange, LogStore
     from llmrun.server.inference import Finished, InferenceRequest
@@ -58,10 +58,8 @@ class PoolOptions:
     cache_ram_mb: int = DEFAULT_CACHE_RAM_MB  # per model: prompts' KV caches kept in host memory
     cache_type_k: str = "f16"  # the KV cache's types (ggml type names)
     cache_type_v: str = "f16"
-    lookup: bool = False  # speculative decoding by prompt lookup
-    draft: Path | None = None  # or with this draft model, for the models that share its vocabulary
-    draft_max: int = DEFAULT_DRAFT_MAX
-    draft_min: int = 0
+    # Speculative decoding; a draft model serves the models that share its vocabulary. None: off.
+    speculation: SpeculationOptions | None = None
     debug: bool = False
 
     @property
@@ -317,9 +315,7 @@ def _load_engine(name: str, path: Path, options: PoolOptions) -> tuple[Engine, E
         host_cache_mb=options.cache_ram_mb,
         cache_type_k=options.cache_type_k,
         cache_type_v=options.cache_type_v,
-        speculation=SpeculationOptions(
-            lookup=options.lookup, draft=options.draft, draft_max=options.draft_max, draft_min=options.draft_min
-        ),
+        speculation=options.speculation or SpeculationOptions(),
         debug=options.debug,
     )
     try:
