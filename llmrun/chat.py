@@ -1,19 +1,27 @@
-"""A chat conversation on the engine: turns, fitting them into the context, logging, and the commands' effects.
+"""A chat conversation: turns, fitting them into the context, logging, and the commands' effects.
 
 No terminal I/O here (that is ``cli/chat.py``): this module holds the state and what each
-slash command does to it, so it reads like the REPL's rules.
+slash command does to it, so it reads like the REPL's rules. The model answering is a
+``ChatModel``: one loaded here (``EngineChat``), or one on a server (``ServerChat``, for
+``chat --server``); the conversation does not know which.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
-from llmrun.engine import Engine, Generation, GenerationRequest, GenerationResult, SamplingParams
-from llmrun.errors import UsageError
+from llmrun.errors import PromptTooLong, UsageError
+from llmrun.generation import GenerationResult, SamplingParams
 from llmrun.logs import Exchange, LogStore
-from llmrun.reasoning import CONTENT, REASONING, Splitter, reasoning_format
+from llmrun.reasoning import CONTENT, REASONING
+
+if TYPE_CHECKING:
+    from llmrun.client import ServerClient
+    from llmrun.engine import Engine
 
 # Room kept for the answer when deciding whether old turns must go.
 ANSWER_RESERVE_TOKENS = 512
@@ -35,26 +43,48 @@ class Turn:
     assistant: str
 
 
+class Reply(Protocol):
+    """An answer as it streams: ``(kind, text)`` pieces (kind ``reasoning`` or ``content``), then its result."""
+
+    def __iter__(self) -> Iterator[tuple[str, str]]: ...
+
+    @property
+    def result(self) -> GenerationResult: ...
+
+
+class ChatModel(Protocol):
+    """The model a conversation talks to."""
+
+    name: str
+
+    @property
+    def capacity(self) -> int | None:
+        """Tokens of context one conversation may use, where known."""
+
+    def count_tokens(self, messages: list[dict[str, str]]) -> int | None:
+        """Tokens the conversation takes, where it can be known before sending it (None: on a server)."""
+
+    def reply(
+        self, messages: list[dict[str, str]], sampling: SamplingParams, max_tokens: int | None, stop: tuple[str, ...]
+    ) -> Reply:
+        """Start answering; a conversation too long for the context raises PromptTooLong here."""
+
+    def close(self) -> None: ...
+
+
 @dataclass
 class PendingReply:
     """An answer being generated: iterate ``pieces()``, then ``ChatSession.finish`` it."""
 
     user_text: str
-    generation: Generation
+    generation: Reply
     dropped_turns: int
-    splitter: Splitter | None = None  # a reasoning model's: its thinking apart from its answer
     answer: list[str] = field(default_factory=list)
     thinking: list[str] = field(default_factory=list)
 
     def pieces(self) -> Iterator[tuple[str, str]]:
         """``(kind, text)`` as the answer streams, kind ``reasoning`` or ``content``."""
-        for piece in self.generation:
-            yield from self._keep(self.splitter.feed(piece) if self.splitter else [(CONTENT, piece)])
-        if self.splitter is not None:
-            yield from self._keep(self.splitter.finish())
-
-    def _keep(self, pieces: list[tuple[str, str]]) -> Iterator[tuple[str, str]]:
-        for kind, text in pieces:
+        for kind, text in self.generation:
             (self.thinking if kind == REASONING else self.answer).append(text)
             yield kind, text
 
@@ -65,8 +95,7 @@ class PendingReply:
 
 @dataclass
 class ChatSession:
-    engine: Engine
-    model_name: str
+    model: ChatModel
     sampling: SamplingParams
     max_tokens: int | None = None
     stop: tuple[str, ...] = ()
@@ -88,37 +117,47 @@ class ChatSession:
             messages.append({"role": "user", "content": next_user})
         return messages
 
-    def context_tokens(self) -> int:
-        """Tokens the conversation takes in the context now."""
-        return len(self.engine.chat_prompt(self.messages())) if (self.turns or self.system) else 0
+    @property
+    def model_name(self) -> str:
+        return self.model.name
 
-    def _reserve(self) -> int:
-        capacity = self.engine.seq_capacity
-        return min(self.max_tokens or ANSWER_RESERVE_TOKENS, capacity // 4)
+    def context_tokens(self) -> int | None:
+        """Tokens the conversation takes in the context now (None where only the server knows)."""
+        if not (self.turns or self.system):
+            return 0
+        counted = self.model.count_tokens(self.messages())
+        if counted is None and self.last_result is not None:  # the last exchange, as the server counted it
+            return self.last_result.prompt_tokens + self.last_result.completion_tokens
+        return counted
 
-    def _fit(self, user_text: str) -> tuple[list[int], int]:
-        """The prompt for the next message; the oldest turns (never the system prompt) go until it fits."""
-        dropped = 0
-        limit = self.engine.seq_capacity - self._reserve()
-        while True:
-            prompt = self.engine.chat_prompt(self.messages(user_text))
-            if len(prompt) <= limit or not self.turns:
-                break
-            self.turns.pop(0)
-            dropped += 1
-        return prompt, dropped  # still too long even alone: Engine.generate refuses it (PromptTooLong)
+    def _fits(self, user_text: str) -> bool:
+        """Whether the next message leaves the answer its room (always, where tokens cannot be counted here)."""
+        counted = self.model.count_tokens(self.messages(user_text))
+        capacity = self.model.capacity if counted is not None else None
+        if counted is None or capacity is None:
+            return True
+        return counted <= capacity - min(self.max_tokens or ANSWER_RESERVE_TOKENS, capacity // 4)
 
     def start(self, text: str) -> PendingReply:
-        """Begin answering ``text`` (with any /read attachment)."""
+        """Begin answering ``text`` (with any /read attachment); the oldest turns (never the system prompt) go
+        until the conversation fits the context."""
         if self.attachment:
             text = f"{self.attachment}\n\n{text}"
             self.attachment = None
-        prompt, dropped = self._fit(text)
-        request = GenerationRequest(tuple(prompt), self.sampling, self.max_tokens, self.stop)
-        splitter = None
-        if (fmt := reasoning_format(self.engine.model.chat_template)) is not None:
-            splitter = fmt.splitter(fmt.opened_in_prompt(self.engine.chat_text(self.messages(text)).text))
-        return PendingReply(text, self.engine.generate(request), dropped, splitter)
+        dropped = 0
+        while self.turns and not self._fits(text):
+            self.turns.pop(0)
+            dropped += 1
+        while True:
+            try:
+                reply = self.model.reply(self.messages(text), self.sampling, self.max_tokens, self.stop)
+            except PromptTooLong:  # a server's verdict: it counts the tokens
+                if not self.turns:
+                    raise
+                self.turns.pop(0)
+                dropped += 1
+                continue
+            return PendingReply(text, reply, dropped)
 
     def finish(self, reply: PendingReply) -> GenerationResult:
         """Keep the answer (complete, or what was generated before Ctrl-C) and log the exchange."""
@@ -192,7 +231,86 @@ class ChatSession:
         self.conversation_id = conversation_id
         return len(self.turns)
 
-    def switch_engine(self, engine: Engine, model_name: str) -> None:
-        self.engine.close()
+    def switch_model(self, model: ChatModel) -> None:
+        self.model.close()
+        self.model = model
+
+
+class EngineChat:
+    """A conversation's model loaded here: prompts rendered by its chat template, thinking split from the answer."""
+
+    def __init__(self, engine: Engine, name: str) -> None:
         self.engine = engine
-        self.model_name = model_name
+        self.name = name
+        self._rendered: tuple[str, list[int]] = ("", [])  # the last conversation counted, and its tokens
+
+    @property
+    def capacity(self) -> int | None:
+        return int(self.engine.seq_capacity)
+
+    def _tokens(self, messages: list[dict[str, str]]) -> list[int]:
+        key = json.dumps(messages)
+        if self._rendered[0] != key:
+            self._rendered = (key, self.engine.chat_prompt(messages))
+        return self._rendered[1]
+
+    def count_tokens(self, messages: list[dict[str, str]]) -> int | None:
+        return len(self._tokens(messages))
+
+    def reply(
+        self, messages: list[dict[str, str]], sampling: SamplingParams, max_tokens: int | None, stop: tuple[str, ...]
+    ) -> Reply:
+        from llmrun.engine import GenerationRequest
+        from llmrun.reasoning import reasoning_format
+
+        request = GenerationRequest(tuple(self._tokens(messages)), sampling, max_tokens, stop)
+        fmt = reasoning_format(self.engine.model.chat_template)
+        inside = fmt is not None and fmt.opened_in_prompt(self.engine.chat_text(messages).text)
+        return _EngineReply(self.engine.generate(request), fmt.splitter(inside) if fmt is not None else None)
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+class _EngineReply:
+    def __init__(self, generation: Any, splitter: Any) -> None:
+        self.generation = generation
+        self.splitter = splitter
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        for piece in self.generation:
+            yield from self.splitter.feed(piece) if self.splitter else [(CONTENT, piece)]
+        if self.splitter is not None:
+            yield from self.splitter.finish()
+
+    @property
+    def result(self) -> GenerationResult:
+        result: GenerationResult = self.generation.result
+        return result
+
+
+class ServerChat:
+    """A conversation's model on a server (``chat --server``): the server renders, splits and counts."""
+
+    def __init__(self, client: ServerClient, name: str) -> None:
+        self.client = client
+        self.name = name
+
+    @property
+    def capacity(self) -> int | None:
+        return self.client.context_length(self.name)
+
+    def count_tokens(self, messages: list[dict[str, str]]) -> int | None:
+        return None
+
+    def reply(
+        self, messages: list[dict[str, str]], sampling: SamplingParams, max_tokens: int | None, stop: tuple[str, ...]
+    ) -> Reply:
+        from llmrun.client import Ask
+
+        generation = self.client.ask(Ask(self.name, messages, sampling, max_tokens, stop))
+        self.name = generation.model_name
+        return generation
+
+    def close(self) -> None:
+        self.client.close()

@@ -17,6 +17,7 @@ class ExitCode(IntEnum):
     USAGE_ERROR = 2
     MODEL_NOT_FOUND = 3
     PROMPT_TOO_LONG = 4
+    SERVER_UNREACHABLE = 5  # --server: no server answers there, or it went away mid-answer
     HANGUP = 129  # SIGHUP (the terminal closed): 128 + the signal's number, as a shell reports it
     INTERRUPTED = 130  # Ctrl-C (SIGINT)
     TERMINATED = 143  # SIGTERM (`timeout`, `kill`, a service manager)
@@ -77,6 +78,25 @@ class DownloadError(LlmrunError):
     """A model could not be fetched or failed verification."""
 
     http_status = 502
+
+
+class ServerUnreachable(LlmrunError):
+    """A server (``run --server``, an upstream of ``serve``) cannot be reached, or went away mid-answer."""
+
+    exit_code = ExitCode.SERVER_UNREACHABLE
+    http_status = 502
+
+
+class UpstreamError(LlmrunError):
+    """An upstream engine answered with something that is not a valid answer."""
+
+    http_status = 502
+
+
+class UpstreamTimeout(UpstreamError):
+    """An upstream engine took longer than its timeout."""
+
+    http_status = 504
 
 
 class StoreError(LlmrunError):

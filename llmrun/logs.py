@@ -46,6 +46,10 @@ CREATE TABLE IF NOT EXISTS responses (
     created_at TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS responses_conversation ON responses(conversation_id, id);
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS api_responses (
     id TEXT PRIMARY KEY,
     model TEXT NOT NULL,
@@ -82,7 +86,7 @@ class Exchange:
         cls, model: str, prompt: str, system: str | None, sampling: Any, max_tokens: int | None, result: Any
     ) -> Exchange:
         """The record of one generation (``sampling`` a SamplingParams, ``result`` a GenerationResult)."""
-        options = {key: value for key, value in vars(sampling).items() if value is not None}
+        options = sampling.logged()
         if max_tokens:
             options["max_tokens"] = max_tokens
         return cls(
@@ -137,6 +141,15 @@ class LogStore:
             ) from None
         finally:
             connection.close()
+
+    def log_id(self, create: bool = True) -> str | None:
+        """This database's own id (made once): a client and a server that log to the same one log an exchange once.
+        None when the database is not there and ``create`` is false."""
+        if not create and not self.path.is_file():
+            return None
+        with self._connect() as db:
+            db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('id', ?)", (uuid.uuid4().hex,))
+            return str(db.execute("SELECT value FROM meta WHERE key = 'id'").fetchone()[0])
 
     def new_conversation(self, model: str) -> str:
         conversation_id = uuid.uuid4().hex[:12]

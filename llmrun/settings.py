@@ -27,7 +27,17 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("LLMRUN_THREADS", "physical cores", "CPU threads for generation."),
     EnvVar("LLMRUN_GPU_LAYERS", "auto", "Layers to offload: a number, or auto (all on GPU builds)."),
     EnvVar("LLMRUN_HOST", "127.0.0.1:11435", "Where `serve` listens, and the server `ps` and `stop` talk to."),
+    EnvVar(
+        "LLMRUN_SERVER",
+        "",
+        "`run` and `chat` send requests to this server (a URL, or auto: the local `llmrun serve` when one runs).",
+    ),
     EnvVar("LLMRUN_API_KEY", "", "A key `serve` requires of every request (and `ps` and `stop` send)."),
+    EnvVar(
+        "LLMRUN_AMX",
+        "0",
+        "1 lets llama.cpp use AMX on CPUs that have it (off: GCC 12 builds of its AMX kernels crash).",
+    ),
     EnvVar("LLMRUN_DEBUG", "0", "1 shows tracebacks and llama.cpp's own log lines."),
     EnvVar("NO_COLOR", "", "Any value turns colour off."),
 )
@@ -64,6 +74,8 @@ class Settings:
     hf_cache: Path | None  # LLMRUN_HF_CACHE: a shared Hugging Face cache, never pruned by llmrun
     host: tuple[str, int] = ("127.0.0.1", 11435)  # LLMRUN_HOST
     api_key: str | None = None  # LLMRUN_API_KEY
+    server: str | None = None  # LLMRUN_SERVER: where run and chat send requests (a URL, or auto)
+    amx: bool = False  # LLMRUN_AMX: let llama.cpp use AMX (see machine.refuse_amx)
 
     @property
     def logs_path(self) -> Path:
@@ -135,6 +147,8 @@ def get_settings() -> Settings:
         else None,
         host=_host_port(os.environ.get("LLMRUN_HOST", "")),
         api_key=os.environ.get("LLMRUN_API_KEY", "").strip() or None,
+        server=os.environ.get("LLMRUN_SERVER", "").strip() or None,
+        amx=env_flag(os.environ.get("LLMRUN_AMX")),
     )
 
 

@@ -37,6 +37,11 @@ PROMPT = "Write a long story about a lighthouse keeper."
 
 
 def native_bin_dir() -> Path:
+    """The native tools' folder (built on first use); they run as llmrun does, off AMX (see llmrun.machine)."""
+    from llmrun.machine import avoid_amx
+    from llmrun.settings import get_settings
+
+    avoid_amx(get_settings().amx)  # inherited by every native tool this process starts
     built = subprocess.run(
         ["bash", str(ROOT / "scripts" / "build_native.sh")], check=True, capture_output=True, text=True
     )

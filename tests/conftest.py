@@ -22,6 +22,11 @@ from hub_standin import HubStandIn  # noqa: E402
 from synthetic_gguf import write_model  # noqa: E402
 
 LLMRUN = Path(sys.executable).with_name("llmrun")
+
+# Native llama.cpp tools the tests start (llama-server) run off AMX, as llmrun does (see llmrun.machine).
+from llmrun.machine import avoid_amx  # noqa: E402
+
+avoid_amx(os.environ.get("LLMRUN_AMX", "") == "1")
 CLI_TIMEOUT_S = 180
 
 

@@ -21,11 +21,11 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, cli: Cli, *args: str) -> None:
+    def __init__(self, cli: Cli, *args: str, models: tuple[str, ...] = ("smollm2",)) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
-            [str(LLMRUN), "serve", "smollm2", "--port", str(self.port), *args],
+            [str(LLMRUN), "serve", *models, "--port", str(self.port), *args],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli.env(),
         )  # fmt: skip
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -40,6 +40,11 @@ class Server:
             time.sleep(0.2)
         self.stop()
         raise AssertionError("serve did not become healthy")
+
+    @classmethod
+    def bare(cls, cli: Cli, *args: str) -> Server:
+        """A server that loads no model at start."""
+        return cls(cli, *args, models=())
 
     def openai(self, **kwargs: object) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key="none", max_retries=0, **kwargs)  # type: ignore[arg-type]

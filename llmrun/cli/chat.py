@@ -25,10 +25,9 @@ from llmrun.settings import (
 )
 
 if TYPE_CHECKING:
-    from llmrun.chat import ChatSession, PendingReply
-    from llmrun.engine import Engine
+    from llmrun.chat import ChatModel, ChatSession, PendingReply
 
-    Reopen = Callable[[str], tuple[Engine, str]]
+    Reopen = Callable[[str], ChatModel]
 
 PROMPT = ">>> "
 CONTINUATION = "... "
@@ -205,8 +204,30 @@ def _settings_text(session: ChatSession) -> str:
 
 
 def _context_text(session: ChatSession) -> str:
-    used, capacity = session.context_tokens(), session.engine.seq_capacity
-    return f"context: {used} of {capacity} tokens ({used * 100 // max(capacity, 1)}%), {len(session.turns)} exchange(s)"
+    used, capacity = session.context_tokens(), session.model.capacity
+    exchanges = f"{len(session.turns)} exchange(s)"
+    if used is None:
+        return f"context: {exchanges} (the server counts its tokens)"
+    if capacity is None:
+        return f"context: {used} tokens, {exchanges}"
+    return f"context: {used} of {capacity} tokens ({used * 100 // max(capacity, 1)}%), {exchanges}"
+
+
+def _model_text(session: ChatSession) -> str:
+    from llmrun.chat import EngineChat, ServerChat
+
+    chat_model = session.model
+    if isinstance(chat_model, EngineChat):
+        engine, model = chat_model.engine, chat_model.engine.model
+        return (
+            f"model {session.model_name} ({model.description}, {format_count(model.n_ctx_train)} training context)\n"
+            f"context {engine.seq_capacity} tokens, {engine.n_threads} threads, {model.n_gpu_layers} GPU layers"
+        )
+    capacity = chat_model.capacity
+    where = f" on {chat_model.client.root}" if isinstance(chat_model, ServerChat) else ""
+    return f"model {session.model_name}{where}\n" + (
+        f"context {capacity} tokens" if capacity else "context: the server's"
+    )
 
 
 def handle_command(session: ChatSession, line: str, reopen: Reopen) -> PendingReply | bool | None:
@@ -233,12 +254,7 @@ def handle_command(session: ChatSession, line: str, reopen: Reopen) -> PendingRe
             session.set_option(key, value.strip())
         notice(_settings_text(session))
     elif command == "show":
-        model = session.engine.model
-        notice(
-            f"model {session.model_name} ({model.description}, {format_count(model.n_ctx_train)} training context)\n"
-            f"context {session.engine.seq_capacity} tokens, {session.engine.n_threads} threads, "
-            f"{model.n_gpu_layers} GPU layers\n{_settings_text(session)}\nsystem prompt: {session.system or '(none)'}"
-        )
+        notice(f"{_model_text(session)}\n{_settings_text(session)}\nsystem prompt: {session.system or '(none)'}")
     elif command in {"stats", "context"}:
         notice(_context_text(session))
         last = session.last_result
@@ -260,9 +276,8 @@ def handle_command(session: ChatSession, line: str, reopen: Reopen) -> PendingRe
     elif command == "model":
         if not argument:
             raise LlmrunError("/model needs a model name", "see `llmrun list`")
-        engine, name = reopen(argument)
-        session.switch_engine(engine, name)
-        notice(f"now chatting with {name}")
+        session.switch_model(reopen(argument))
+        notice(f"now chatting with {session.model_name}")
     elif command == "think":
         notice(session.last_thinking or "the last answer came without thinking")
     elif command == "regen":
@@ -308,6 +323,7 @@ def chat_command(
     draft: options.Draft = None,
     draft_max: options.DraftMax = DEFAULT_DRAFT_MAX,
     draft_min: options.DraftMin = 0,
+    server: options.Server = None,
     plain: Annotated[bool, typer.Option("--plain", help="Raw text instead of rendered Markdown.")] = False,
     continue_last: Annotated[
         bool, typer.Option("--continue", "-c", help="Continue the most recent conversation.")
@@ -318,7 +334,7 @@ def chat_command(
     verbose: options.Verbose = False,
 ) -> None:
     """Chat with a model: streamed answers, slash commands (/help), history, and a searchable log."""
-    from llmrun.chat import ChatSession
+    from llmrun.chat import ChatSession, EngineChat, ServerChat
     from llmrun.logs import LogStore
 
     settings = get_settings()
@@ -334,16 +350,21 @@ def chat_command(
             logged = log.responses(conversation_id=resume, limit=1)
             model = logged[0].exchange.model if logged else None
 
-    def reopen(reference: str) -> tuple[Engine, str]:
+    cache_types = (cache_type_k, cache_type_v)
+    local_only = options.local_only_options(ctx, threads, gpu_layers, lookup, draft, cache_types)
+
+    def reopen(reference: str) -> ChatModel:
+        client = options.server_client(server, reference, local_only, verbose, log is not None)
+        if client is not None:
+            client.ensure_model(reference, no_pull, lambda status: notice(f"{client.root}: {status}"))
+            return ServerChat(client, reference)
         resolved = options.resolve(reference, no_pull)
         speculation = options.speculation_options(lookup, draft, draft_max, draft_min, no_pull)
-        cache_types = (cache_type_k, cache_type_v)
-        return options.open_engine(resolved, ctx, threads, gpu_layers, verbose, speculation, cache_types), resolved.name
+        engine = options.open_engine(resolved, ctx, threads, gpu_layers, verbose, speculation, cache_types)
+        return EngineChat(engine, resolved.name)
 
-    engine, name = reopen(model or settings.default_model)
     session = ChatSession(
-        engine=engine,
-        model_name=name,
+        model=reopen(model or settings.default_model),
         sampling=options.sampling_params(temperature, top_p, top_k, min_p, repeat_penalty, seed),
         max_tokens=max_tokens,
         stop=tuple(stop or ()),
@@ -357,7 +378,7 @@ def chat_command(
                 session.system = system
         _repl(session, Renderer(plain), reopen)
     finally:
-        session.engine.close()
+        session.model.close()
 
 
 def _repl(session: ChatSession, renderer: Renderer, reopen: Reopen) -> None:

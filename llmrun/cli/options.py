@@ -9,10 +9,12 @@ import typer
 
 from llmrun.cli.output import notice
 from llmrun.errors import UsageError
+from llmrun.generation import SamplingParams
 from llmrun.settings import KV_CACHE_TYPES, env_flag, get_settings
 
 if TYPE_CHECKING:
-    from llmrun.engine import Engine, SamplingParams
+    from llmrun.client import ServerClient
+    from llmrun.engine import Engine
     from llmrun.engine.speculation import SpeculationOptions
     from llmrun.store.models import ResolvedModel
 
@@ -86,14 +88,22 @@ CacheTypeK = Annotated[
 CacheTypeV = Annotated[
     str, typer.Option("--cache-type-v", "-ctv", help="KV cache type for values.", metavar="TYPE", callback=_cache_type)
 ]
+Server = Annotated[
+    str | None,
+    typer.Option(
+        "--server",
+        help="Send the request to this server (a running `llmrun serve`, or any with the OpenAI API) instead of "
+        "loading the model here; auto: the local `llmrun serve` when one is running [default: LLMRUN_SERVER].",
+        show_default=False,
+        metavar="URL|auto",
+    ),
+]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Say what was loaded and how fast it ran, on stderr.")]
 
 
 def sampling_params(
     temperature: float, top_p: float, top_k: int, min_p: float, repeat_penalty: float, seed: int | None
 ) -> SamplingParams:
-    from llmrun.engine import SamplingParams
-
     return SamplingParams(
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed
     )
@@ -154,3 +164,62 @@ def open_engine(
             + (f"; draft model {engine.drafter.model.path.name}" if engine.drafter is not None else "")
         )
     return engine
+
+
+OFF = ("", "off", "none", "local")
+
+
+def server_client(
+    server: str | None, model: str, local_only: list[str], verbose: bool, log: bool
+) -> ServerClient | None:
+    """The server ``--server`` (or LLMRUN_SERVER) names, or None to load the model here.
+
+    ``auto`` uses the local ``llmrun serve`` when one answers, and loads here when none does, when the model is a
+    file, or when an option only a model loaded here can honour is given (``local_only``: those options' names).
+    """
+    from pathlib import Path
+
+    settings = get_settings()
+    choice = (server if server is not None else settings.server or "").strip()
+    if choice.lower() in OFF:
+        return None
+    is_file = model.lower().endswith(".gguf") or Path(model).expanduser().is_file()
+    if choice.lower() == "auto":
+        if is_file or local_only:
+            return None
+        from llmrun.client import find_local_server
+
+        found = find_local_server(settings.host, settings.api_key)
+        if found is None:
+            return None
+        choice = found
+    elif local_only:
+        where = "--server" if server is not None else f"LLMRUN_SERVER={choice}"
+        raise UsageError(
+            f"{', '.join(local_only)} {'applies' if len(local_only) == 1 else 'apply'} to a model loaded here, "
+            f"not to one on a server ({where})",
+            "drop it, or add --server off to load the model here",
+        )
+    elif is_file:
+        raise UsageError(
+            f"{model} is a file here: a server cannot load it", "import it on the server, or add --server off"
+        )
+    from llmrun.client import ServerClient
+    from llmrun.logs import LogStore
+
+    log_id = LogStore(settings.logs_path).log_id(create=log)
+    client = ServerClient(choice, settings.api_key, log_id)
+    if verbose:
+        notice(f"sending the request to {client.root}")
+    return client
+
+
+def local_only_options(
+    ctx: int | None, threads: int | None, gpu_layers: str | None, lookup: bool, draft: str | None,
+    cache_types: tuple[str, str],
+) -> list[str]:  # fmt: skip
+    """The options given that only a model loaded here can honour."""
+    given = {"--ctx": ctx is not None, "--threads": threads is not None, "--gpu-layers": gpu_layers is not None,
+             "--lookup": lookup, "--draft": draft is not None, "--cache-type-k": cache_types[0] != "f16",
+             "--cache-type-v": cache_types[1] != "f16"}  # fmt: skip
+    return [name for name, present in given.items() if present]

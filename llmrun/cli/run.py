@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -23,7 +25,8 @@ from llmrun.settings import (
 )
 
 if TYPE_CHECKING:
-    from llmrun.engine import Engine, Generation, GenerationRequest, GenerationResult
+    from llmrun.client import Ask, ServerClient
+    from llmrun.generation import GenerationResult, SamplingParams
 
 
 def read_prompt(words: list[str]) -> str:
@@ -68,10 +71,14 @@ class _Answer:
         self._dim = show_thinking and sys.stderr.isatty() and not os.environ.get("NO_COLOR")
         self._thought = False
 
-    def feed(self, piece: str, write: bool) -> None:
+    def feed(self, piece: str, write: bool, kind: str | None = None) -> None:
+        """A piece of output; ``kind`` when it is known already (a server splits thinking itself)."""
+        if kind is not None:
+            self._emit(kind, piece, write)
+            return
         pieces = [(CONTENT, piece)] if self.splitter is None else self.splitter.feed(piece)
-        for kind, text in pieces:
-            self._emit(kind, text, write)
+        for part_kind, text in pieces:
+            self._emit(part_kind, text, write)
 
     def finish(self, write: bool) -> None:
         if self.splitter is not None:
@@ -98,22 +105,28 @@ class _Answer:
             sys.stdout.flush()
 
 
-def _report(
-    engine: Engine, generation: Generation, answer: _Answer, model_name: str, verbose: bool, json_output: bool
-) -> None:
-    result = generation.result
+@dataclass(frozen=True)
+class _Source:
+    """What produced an answer, for its report: the model's name, its context, how it speculated."""
+
+    model_name: str
+    context_size: int | None
+    speculation: str | None = None  # lookup, draft, or server (guesses a server reports); None: off
+
+
+def _report(result: GenerationResult, answer: _Answer, source: _Source, verbose: bool, json_output: bool) -> None:
     if json_output:
         reasoning = {"reasoning": "".join(answer.reasoning)} if answer.reasoning else {}
         print_json(
             {
-                "model": model_name,
+                "model": source.model_name,
                 "text": "".join(answer.text),
                 **reasoning,
                 "finish_reason": result.finish_reason,
                 "prompt_tokens": result.prompt_tokens,
                 "completion_tokens": result.completion_tokens,
-                "context_size": engine.seq_capacity,
-                **_speculation_record(engine, result),
+                "context_size": source.context_size,
+                **_speculation_record(source, result),
                 "timings": {
                     "time_to_first_token_s": round(result.time_to_first_token_s, 6),
                     "prompt_tokens_per_s": round(result.prompt_tokens_per_s, 3),
@@ -124,24 +137,25 @@ def _report(
             }
         )
     if result.context_full:
-        notice(f"stopped: the context of {engine.seq_capacity} tokens is full (raise it with --ctx)")
+        size = f" of {source.context_size} tokens" if source.context_size else ""
+        notice(f"stopped: the context{size} is full (raise it with --ctx)")
     if verbose:
         notice(
             f"prompt {result.prompt_tokens} tokens in {result.time_to_first_token_s:.3f} s "
             f"({result.prompt_tokens_per_s:.1f} tokens/s); generation {result.completion_tokens} tokens in "
             f"{result.generation_s:.3f} s ({result.generation_tokens_per_s:.1f} tokens/s); "
             f"finish: {result.finish_reason}"
-            + (f"; {_speculation_summary(engine, result)}" if engine.speculation.enabled else "")
+            + (f"; {_speculation_summary(source, result)}" if source.speculation else "")
         )
 
 
-def _speculation_record(engine: Engine, result: GenerationResult) -> dict[str, Any]:
-    if not engine.speculation.enabled:
+def _speculation_record(source: _Source, result: GenerationResult) -> dict[str, Any]:
+    if not source.speculation:
         return {}
     acceptance = result.accepted_tokens / result.drafted_tokens if result.drafted_tokens else 0.0
     return {
         "speculation": {
-            "method": engine.speculation.method,
+            "method": source.speculation,
             "drafted_tokens": result.drafted_tokens,
             "accepted_tokens": result.accepted_tokens,
             "acceptance_rate": round(acceptance, 4),
@@ -149,8 +163,8 @@ def _speculation_record(engine: Engine, result: GenerationResult) -> dict[str, A
     }
 
 
-def _speculation_summary(engine: Engine, result: GenerationResult) -> str:
-    method = engine.speculation.method
+def _speculation_summary(source: _Source, result: GenerationResult) -> str:
+    method = source.speculation
     if not result.drafted_tokens:
         return f"{method}: no guess was worth checking"
     return (
@@ -224,6 +238,7 @@ def run_command(
             show_default=False,
         ),
     ] = None,
+    server: options.Server = None,
     no_pull: options.NoPull = False,
     no_log: Annotated[bool, typer.Option("--no-log", help="Do not log this exchange.")] = False,
     verbose: options.Verbose = False,
@@ -232,6 +247,21 @@ def run_command(
     if output_format is not None and output_format != "json":
         raise UsageError(f"--format {output_format!r} is not known", "use --format json, or --schema for a shape")
     json_schema = read_schema(schema) if schema is not None else None
+    logging = not (no_log or get_settings().no_log)
+    local_only = options.local_only_options(ctx, threads, gpu_layers, lookup, draft, (cache_type_k, cache_type_v))
+    client = options.server_client(server, model, local_only, verbose, logging)
+    if client is not None:
+        from llmrun.client import Ask
+
+        with client:
+            sampling = options.sampling_params(temperature, top_p, top_k, min_p, repeat_penalty, seed)
+            messages = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": read_prompt(prompt or [])}
+            ]
+            ask = Ask(model, messages, sampling, max_tokens, tuple(stop or ()), ignore_eos, raw, json_schema,
+                      output_format == "json", think)  # fmt: skip
+            _run_on_server(client, ask, bool(think), no_pull, logging, verbose, json_output)
+        return
     resolved = options.resolve(model, no_pull)
     text = read_prompt(prompt or [])
 
@@ -274,36 +304,70 @@ def run_command(
             ignore_eos=ignore_eos,
         )
         answer = _Answer(fmt, inside, show_thinking=bool(think))
-        result, interruption = _generate(
-            engine, request, answer, resolved.name, verbose=verbose, json_output=json_output
-        )
-        if not (no_log or get_settings().no_log):  # an interrupted answer is logged as far as it got
-            _log(resolved.name, text, system, request, replace(result, text="".join(answer.text)))
+        generation = engine.generate(request)
+        interruption = _stream(((None, piece) for piece in generation), answer, json_output)
+        source = _Source(resolved.name, engine.seq_capacity, engine.speculation.method if engine.speculation.enabled
+                         else None)  # fmt: skip
+        _report(generation.result, answer, source, verbose, json_output)
+        if logging:  # an interrupted answer is logged as far as it got
+            _log(resolved.name, text, system, request.sampling, max_tokens, replace(generation.result,
+                 text="".join(answer.text)))  # fmt: skip
     if interruption is not None:
         raise typer.Exit(ExitCode.INTERRUPTED)  # 143 / 129 after SIGTERM / SIGHUP: main knows which
 
 
+def _run_on_server(
+    client: ServerClient, ask: Ask, show_thinking: bool, no_pull: bool, logging: bool, verbose: bool,
+    json_output: bool,
+) -> None:  # fmt: skip
+    """``run --server``: the same answer on stdout, record, log and exit codes as in-process; a model the server
+    lacks is pulled there first (unless --no-pull), as `run` pulls one here."""
+    from dataclasses import replace
+
+    from llmrun.errors import ModelNotFound
+
+    try:
+        generation = client.ask(ask)
+    except ModelNotFound:
+        if no_pull or not client.pull(ask.model, lambda status: notice(f"{client.root}: {status}")):
+            raise
+        generation = client.ask(ask)
+    answer = _Answer(None, False, show_thinking)
+    interruption = _stream(((kind, text) for kind, text in generation), answer, json_output)
+    result = replace(generation.result, text="".join(answer.text))
+    source = _Source(
+        generation.model_name,
+        client.context_length(generation.model_name) if json_output or result.context_full else None,
+        "server" if result.drafted_tokens else None,
+    )
+    _report(result, answer, source, verbose, json_output)
+    if logging:
+        user = ask.messages[-1]["content"]
+        system = ask.messages[0]["content"] if len(ask.messages) > 1 else None
+        _log(generation.model_name, user, system, ask.sampling, ask.max_tokens, result)
+    if interruption is not None:
+        raise typer.Exit(ExitCode.INTERRUPTED)
+
+
 def _log(
-    model_name: str, prompt: str, system: str | None, request: GenerationRequest, result: GenerationResult
-) -> None:
+    model_name: str, prompt: str, system: str | None, sampling: SamplingParams, max_tokens: int | None,
+    result: GenerationResult,
+) -> None:  # fmt: skip
     """Every `run` is a one-exchange conversation in the log."""
     from llmrun.logs import Exchange, LogStore
 
     store = LogStore(get_settings().logs_path)
-    exchange = Exchange.of(model_name, prompt, system, request.sampling, request.max_tokens, result)
+    exchange = Exchange.of(model_name, prompt, system, sampling, max_tokens, result)
     store.log(store.new_conversation(model_name), exchange)
 
 
-def _generate(
-    engine: Engine, request: GenerationRequest, answer: _Answer, model_name: str, *, verbose: bool, json_output: bool
-) -> tuple[GenerationResult, KeyboardInterrupt | None]:
-    """Stream the answer; Ctrl-C, SIGTERM or SIGHUP stops it, keeping what was generated (returned with the
-    interruption, for the caller to log before it exits)."""
-    generation = engine.generate(request)
+def _stream(pieces: Iterable[tuple[str | None, str]], answer: _Answer, json_output: bool) -> KeyboardInterrupt | None:
+    """Stream the answer; Ctrl-C, SIGTERM or SIGHUP stops it, keeping what was generated (the interruption is
+    returned, for the caller to report and log before it exits)."""
     interruption: KeyboardInterrupt | None = None
     try:
-        for piece in generation:
-            answer.feed(piece, write=not json_output)
+        for kind, piece in pieces:
+            answer.feed(piece, write=not json_output, kind=kind)
         answer.finish(write=not json_output)
     except KeyboardInterrupt as error:
         interruption = error
@@ -317,5 +381,4 @@ def _generate(
     if not json_output and text and not text.endswith("\n"):
         sys.stdout.write("\n")
         sys.stdout.flush()
-    _report(engine, generation, answer, model_name, verbose, json_output)
-    return generation.result, interruption
+    return interruption

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -102,14 +103,26 @@ def serve_command(
             help="A greedy answer is the same whatever else runs beside it (no flash attention: ~10% slower on CPU).",
         ),
     ] = False,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="A TOML file of upstream engines: model names this server sends on to other OpenAI-compatible "
+            "servers ([upstreams.NAME] urls, models, api_key_env).",
+            show_default=False,
+            metavar="FILE",
+        ),
+    ] = None,
     no_pull: NoPull = False,
 ) -> None:
     """Serve the OpenAI and Ollama APIs on 127.0.0.1:11435 until Ctrl-C."""
     from llmrun.server.app import ServeOptions, serve
     from llmrun.server.pool import PoolOptions, parse_keep_alive
+    from llmrun.server.upstream import load_config
 
     settings = get_settings()
     bind_host, bind_port = settings.host
+    upstreams = load_config(config) if config is not None else ()
     keep_alive_s = parse_keep_alive(keep_alive)
     resolved = [resolve(model, no_pull).name for model in models or []]
     speculation = speculation_options(lookup, draft, draft_max, draft_min, no_pull)
@@ -135,6 +148,7 @@ def serve_command(
         api_key=api_key or settings.api_key,
         cors_origins=tuple(cors or ()),
         log_exchanges=not (no_log or settings.no_log),
+        upstreams=upstreams,
     )
     url = f"http://{_url_host(options.host)}:{options.port}"
     if options.host not in ("127.0.0.1", "localhost", "::1") and not options.api_key:
@@ -188,11 +202,17 @@ def ps_command(server: ServerOption = None, json_output: Annotated[bool, typer.O
         return
     from llmrun.cli.output import format_size
 
-    rows = [
-        [m["name"], f"{m.get('busy_slots', 0)}/{m.get('slots', '?')}", format_size(m.get("size", 0)),
-         str(m.get("context_length", "")), m.get("expires_at") or ("busy" if m.get("in_flight") else "never")]
-        for m in models
-    ]  # fmt: skip
+    rows = []
+    for m in models:
+        if "upstream" in m:  # a model an upstream engine serves: its replicas instead of slots and memory
+            replicas = m.get("replicas", [])
+            up = sum(1 for replica in replicas if replica.get("healthy"))
+            rows.append([m["name"], f"{m.get('in_flight', 0)}/-", "-", "-",
+                         f"upstream {m['upstream']} ({up}/{len(replicas)} up)"])  # fmt: skip
+            continue
+        rows.append([m["name"], f"{m.get('busy_slots', 0)}/{m.get('slots', '?')}", format_size(m.get("size", 0)),
+                     str(m.get("context_length", "")),
+                     m.get("expires_at") or ("busy" if m.get("in_flight") else "never")])  # fmt: skip
     print_rows(["NAME", "BUSY/SLOTS", "SIZE", "CONTEXT", "UNTIL"], rows)
 
 
@@ -202,8 +222,11 @@ def stop_command(
 ) -> None:
     """Unload a model from a running server now."""
     url = _server_url(server)
-    loaded = [m["name"] for m in _call(url, "/api/ps").get("models", [])]
-    if model not in loaded and model.removesuffix(":latest") not in loaded:
+    records = {m["name"]: m for m in _call(url, "/api/ps").get("models", [])}
+    record = records.get(model) or records.get(model.removesuffix(":latest"))
+    if record is None:
         raise LlmrunError(f"{url} has no model {model!r} loaded", "see `llmrun ps`")
+    if "upstream" in record:
+        raise LlmrunError(f"{model} is served by upstream {record['upstream']}", "unload it there")
     _call(url, "/api/generate", {"model": model, "keep_alive": 0})
     notice(f"stopped {model}")

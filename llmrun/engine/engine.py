@@ -14,6 +14,7 @@ from llmrun.engine.scheduler import FinishReason, GenerationRequest, Scheduler, 
 from llmrun.engine.speculation import SpeculationOptions
 from llmrun.engine.template import render_chat
 from llmrun.errors import LlmrunError, ModelLoadError, PromptTooLong, UsageError
+from llmrun.generation import GenerationResult
 from llmrun.machine import available_memory_bytes, physical_cores
 from llmrun.settings import KV_CACHE_TYPES
 
@@ -48,39 +49,6 @@ class LoadOptions:
     host_cache_mb: int = 0  # slots' KV caches kept in host memory when their slot is taken (see HostCache)
     speculation: SpeculationOptions = SpeculationOptions()
     debug: bool = False
-
-
-@dataclass(frozen=True)
-class GenerationResult:
-    """What one generation produced, with token counts and timings in seconds."""
-
-    text: str
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int  # prompt tokens already in the KV cache from the previous turn: not evaluated again
-    context_full: bool
-    time_to_first_token_s: float
-    generation_s: float
-    total_s: float
-    stop_sequence: str | None = None  # the stop string that ended it, if one did
-    drafted_tokens: int = 0  # guessed tokens verified (speculative decoding)
-    accepted_tokens: int = 0  # of those, the ones that were right
-
-    @property
-    def evaluated_prompt_tokens(self) -> int:
-        return self.prompt_tokens - self.cached_tokens
-
-    @property
-    def prompt_tokens_per_s(self) -> float:
-        evaluated = self.evaluated_prompt_tokens
-        return evaluated / self.time_to_first_token_s if self.time_to_first_token_s > 0 else 0.0
-
-    @property
-    def generation_tokens_per_s(self) -> float:
-        """Decode speed: each token after the first costs one decode (the first comes with the prompt)."""
-        decodes = self.completion_tokens - 1
-        return decodes / self.generation_s if decodes > 0 and self.generation_s > 0 else 0.0
 
 
 class Generation:

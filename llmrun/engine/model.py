@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from llmrun.engine.native import NATIVE_LOG, llama_cpp, supports_gpu_offload
+from llmrun.engine.native import NATIVE_LOG, amx_notice_silenced, extra_buffers_allowed, llama_cpp, supports_gpu_offload
 from llmrun.errors import ModelLoadError, UsageError
 
 ALL_LAYERS = 999
@@ -49,8 +49,10 @@ class Model:
         self.n_gpu_layers = resolve_gpu_layers(gpu_layers)
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = self.n_gpu_layers
+        params.use_extra_bufts = extra_buffers_allowed()
         NATIVE_LOG.clear_errors()
-        handle = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
+        with amx_notice_silenced():
+            handle = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
         if not handle:
             detail = NATIVE_LOG.first_error()
             raise ModelLoadError(

@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
 
 import llama_cpp
 
-__all__ = ["NATIVE_LOG", "init_native", "llama_cpp", "supports_gpu_offload"]
+from llmrun.machine import has_amx
+
+__all__ = [
+    "NATIVE_LOG",
+    "amx_notice_silenced",
+    "extra_buffers_allowed",
+    "init_native",
+    "llama_cpp",
+    "supports_gpu_offload",
+]
 
 # ggml_log_level: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5 (continues the previous line).
 _LOG_ERROR = 4
@@ -58,9 +70,39 @@ def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
 
 
 @lru_cache(maxsize=1)
-def _init_backend() -> None:
+def _init_backend() -> bool:
+    """Once per process; False when llama.cpp must not use its extra buffer types (see ``machine.refuse_amx``)."""
+    from llmrun.machine import avoid_amx
+    from llmrun.settings import get_settings
+
     llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
     llama_cpp.llama_backend_init()
+    # Where AMX cannot be turned off alone: no extra buffer types at all (as llama.cpp's --no-repack).
+    return avoid_amx(get_settings().amx)
+
+
+@contextmanager
+def amx_notice_silenced() -> Iterator[None]:
+    """While a model loads: ggml prints "AMX is not ready to be used!" to stderr each time it finds AMX refused
+    (see ``machine.refuse_amx``), which is llmrun's doing, not news. Not with --debug, which shows all."""
+    if not (_init_backend.cache_info().currsize and has_amx() and not NATIVE_LOG.echo):
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def extra_buffers_allowed() -> bool:
+    """Whether models may use llama.cpp's extra buffer types (repacked weights); call after ``init_native``."""
+    return _init_backend()
 
 
 def init_native(debug: bool = False) -> Any:

@@ -6,39 +6,11 @@ import ctypes
 import math
 import random
 import re
-from dataclasses import dataclass
 from typing import Any
 
 from llmrun.engine.native import NATIVE_LOG, llama_cpp
 from llmrun.errors import UsageError
-from llmrun.settings import (
-    DEFAULT_MIN_P,
-    DEFAULT_REPEAT_LAST_N,
-    DEFAULT_REPEAT_PENALTY,
-    DEFAULT_TEMPERATURE,
-    DEFAULT_TOP_K,
-    DEFAULT_TOP_P,
-)
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How the next token is chosen. ``temperature <= 0`` means greedy."""
-
-    temperature: float = DEFAULT_TEMPERATURE
-    top_k: int = DEFAULT_TOP_K
-    top_p: float = DEFAULT_TOP_P
-    min_p: float = DEFAULT_MIN_P
-    repeat_penalty: float = DEFAULT_REPEAT_PENALTY
-    repeat_last_n: int = DEFAULT_REPEAT_LAST_N
-    presence_penalty: float = 0.0  # OpenAI's: subtracted once from a token already in the last repeat_last_n
-    frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence
-    seed: int | None = None
-    logit_bias: tuple[tuple[int, float], ...] = ()  # (token, bias) added to the logits before anything else
-    grammar: str | None = None  # GBNF with a ``root`` rule: only text it accepts can be generated
-    # Regular expressions that must match all the text so far before the grammar applies (a lazy
-    # grammar: free text until, say, "<tool_call>"); it constrains from the first group's start on.
-    grammar_triggers: tuple[str, ...] = ()
+from llmrun.generation import SamplingParams
 
 
 def grammar_sampler(vocab: Any, grammar: str, triggers: tuple[str, ...] = ()) -> Any:

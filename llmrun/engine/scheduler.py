@@ -16,10 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 from llmrun.engine.model import Model
 from llmrun.engine.native import llama_cpp
-from llmrun.engine.sampling import SamplerChain, SamplingParams
+from llmrun.engine.sampling import SamplerChain
 from llmrun.engine.speculation import MAX_ROWS, DecodeCosts, Lookup, SpeculationOptions, best_draft_length
 from llmrun.engine.text import StopMatcher, Utf8Stream
 from llmrun.errors import LlmrunError
+from llmrun.generation import SamplingParams, TokenLogprob
 
 if TYPE_CHECKING:
     from llmrun.engine.draft import DraftGuesser, DraftModel
@@ -49,16 +50,6 @@ class FinishReason(str, Enum):
     LENGTH = "length"  # max_tokens reached, or the context is full
     CANCELLED = "cancelled"
     ERROR = "error"
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    """A sampled token's log-probability under the model, and the likeliest alternatives."""
-
-    token: str
-    token_bytes: bytes
-    logprob: float
-    top: tuple[tuple[str, bytes, float], ...] = ()
 
 
 @dataclass

@@ -21,9 +21,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from llmrun.engine.engine import Engine, Generation, GenerationResult
-from llmrun.engine.scheduler import GenerationRequest, Sequence, TokenLogprob
+from llmrun.engine.engine import Engine, Generation
+from llmrun.engine.scheduler import GenerationRequest, Sequence
 from llmrun.errors import LlmrunError
+from llmrun.generation import GenerationResult, TokenLogprob
 
 T = TypeVar("T")
 

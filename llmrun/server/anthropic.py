@@ -229,7 +229,7 @@ def _content(event: Finished) -> list[dict[str, Any]]:
 async def messages(body: MessagesRequest, request: Request) -> Any:
     stream = await start(request.app.state.pool, _request(body))
     message_id = f"msg_{uuid.uuid4().hex[:24]}"
-    model_name = stream.model.name
+    model_name = stream.model_name
     if not body.stream:
         finished = await unless_disconnected(request, final_answer(stream))
         return {
@@ -249,7 +249,7 @@ async def _events(stream: Stream, message_id: str) -> AsyncIterator[str]:
     usage = {"input_tokens": stream.prompt_tokens, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
              "output_tokens": 0}  # fmt: skip
     start_message: dict[str, Any] = {"id": message_id, "type": "message", "role": "assistant",
-                                     "model": stream.model.name, "content": [], "stop_reason": None,
+                                     "model": stream.model_name, "content": [], "stop_reason": None,
                                      "stop_sequence": None, "usage": usage}  # fmt: skip
     yield _sse("message_start", {"message": start_message})
     yield _sse("ping", {})

@@ -20,6 +20,7 @@ from llmrun import __version__
 from llmrun.server import errors
 from llmrun.server.metrics import Metrics
 from llmrun.server.pool import ModelPool, PoolOptions
+from llmrun.server.upstream import UpstreamConfig
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 11435  # beside Ollama's 11434, not on it
@@ -38,6 +39,7 @@ class ServeOptions:
     cors_origins: tuple[str, ...] = ()
     log_exchanges: bool = True
     grace_s: float = DEFAULT_GRACE_S
+    upstreams: tuple[UpstreamConfig, ...] = ()  # serve --config: models routed to other servers
 
 
 def create_app(options: ServeOptions, on_ready: Callable[[], None] | None = None) -> FastAPI:
@@ -50,11 +52,22 @@ def create_app(options: ServeOptions, on_ready: Callable[[], None] | None = None
     metrics = Metrics()
     log_store = LogStore(settings.logs_path) if options.log_exchanges else None
     pool = ModelPool(options.pool, Store(settings.home), metrics, log_store)
+    if options.upstreams:
+        from llmrun.server.upstream import Upstreams
+
+        pool.upstreams = Upstreams(options.upstreams)
     metrics.watch(pool)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await _warm_up()
+        if pool.upstreams is not None:
+            await pool.upstreams.start()
+            for upstream in pool.upstreams.upstreams:
+                healthy = sum(replica.healthy for replica in upstream.replicas)
+                models = ", ".join(upstream.models) or "no models yet"
+                sys.stderr.write(f"upstream {upstream.name}: {healthy} of {len(upstream.replicas)} replicas up; "
+                                 f"{models}\n")  # fmt: skip
         for name in options.models:
             model = await pool.acquire(name)
             pool.release(model, None)
@@ -94,7 +107,7 @@ def create_app(options: ServeOptions, on_ready: Callable[[], None] | None = None
     async def health() -> Any:
         if not app.state.ready:
             return Response('{"status":"loading"}', status_code=503, media_type="application/json")
-        return {"status": "ok"}
+        return {"status": "ok", "server": "llmrun", "version": __version__}  # `--server auto` looks for this
 
     @app.get("/metrics", response_model=None)
     async def metrics_route() -> Any:

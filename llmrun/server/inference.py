@@ -15,15 +15,15 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from llmrun.errors import LlmrunError, UsageError
+from llmrun.generation import TokenLogprob
 from llmrun.reasoning import CONTENT, REASONING, ReasoningFormat, Splitter, reasoning_format
 from llmrun.tools import ArgumentsPiece, CallStart, ContentPiece, Tool, ToolCall, ToolCallParser, ToolChoice, ToolPlan
 
 if TYPE_CHECKING:
     from llmrun.engine import Engine, SamplingParams
-    from llmrun.engine.scheduler import TokenLogprob
     from llmrun.engine.worker import SequenceUpdate, Ticket
     from llmrun.server.pool import LoadedModel, ModelPool
 
@@ -51,6 +51,7 @@ class InferenceRequest:
     think: bool | None = None  # a reasoning model thinks first (its template's enable_thinking); None: its default
     effort: str | None = None  # low, medium, high: how hard it thinks, where its template takes a reasoning_effort
     route: str = ""  # for metrics and the log
+    log: bool = True  # False: the client logs this exchange in the server's own log (see client.LOG_HEADER)
 
 
 @dataclass(frozen=True)
@@ -129,8 +130,25 @@ class Prepared:
     lead: str = ""
 
 
-class Stream:
-    """A started request: iterate for events; ``close()`` (or leaving the loop) cancels what is unfinished."""
+class Stream(Protocol):
+    """A started request, wherever it runs (``ModelStream`` here, ``UpstreamStream`` on an upstream engine):
+    iterate for events; ``close()`` (or leaving the loop) cancels what is unfinished."""
+
+    request: InferenceRequest
+    load_s: float  # loading the model, before the request could start
+    prompt_tokens: int  # known before any output where the model runs here; 0 where only the end says
+    created: float
+
+    @property
+    def model_name(self) -> str: ...
+
+    def __aiter__(self) -> AsyncIterator[Event]: ...
+
+    def close(self) -> None: ...
+
+
+class ModelStream:
+    """A request on a model loaded here."""
 
     def __init__(self, request: InferenceRequest, pool: ModelPool, model: LoadedModel, load_s: float) -> None:
         self.request = request
@@ -148,6 +166,10 @@ class Stream:
         self._reasoning: list[list[str]] = [[] for _ in range(request.n)]
         self.prompt_tokens = 0  # known once the prompt is prepared, before any output
         self._lead = ""
+
+    @property
+    def model_name(self) -> str:
+        return self.model.name
 
     def _start(self, prepared: Prepared) -> None:
         from llmrun.engine import GenerationRequest
@@ -386,9 +408,13 @@ def prepare(engine: Engine, request: InferenceRequest) -> Prepared:
 
 
 async def start(pool: ModelPool, request: InferenceRequest) -> Stream:
-    """Load the model if need be, prepare the prompt and queue the request: errors come out here, before any output."""
+    """Load the model if need be, prepare the prompt and queue the request (or send it to the upstream engine that
+    serves the model): errors come out here, before any output."""
     if request.n < 1:
         raise UsageError(f"n must be at least 1, not {request.n}", "ask for 1 or more answers")
+    upstream = pool.upstream_for(request.model)
+    if upstream is not None:
+        return await upstream.start_stream(pool, request)
     began = time.perf_counter()
     model = await pool.acquire(request.model, extra=request.n - 1)
     load_s = time.perf_counter() - began
@@ -397,7 +423,7 @@ async def start(pool: ModelPool, request: InferenceRequest) -> Stream:
     except BaseException:
         pool.release(model, request.keep_alive_s, weight=request.n)
         raise
-    stream = Stream(request, pool, model, load_s)
+    stream = ModelStream(request, pool, model, load_s)
     stream._start(prepared)
     return stream
 
@@ -417,6 +443,11 @@ async def final_answer(stream: Stream) -> Finished:
 
 async def count_tokens(pool: ModelPool, request: InferenceRequest) -> int:
     """The prompt tokens ``request`` would take (its template, tools and all), without generating."""
+    if (upstream := pool.upstream_for(request.model)) is not None:
+        raise UsageError(
+            f"{request.model} runs on upstream {upstream.name}, which cannot count tokens without generating",
+            "count them with the upstream's own tokenizer",
+        )
     model = await pool.acquire(request.model)
     try:
         prepared = await asyncio.to_thread(prepare, model.engine, request)
@@ -427,6 +458,8 @@ async def count_tokens(pool: ModelPool, request: InferenceRequest) -> int:
 
 async def embed(pool: ModelPool, model_name: str, inputs: list[str] | list[list[int]]) -> tuple[list[list[float]], int]:
     """Embeddings of each input (text, or token ids), and the number of tokens they took."""
+    if (upstream := pool.upstream_for(model_name)) is not None:
+        return await upstream.embed(model_name, inputs)
     model = await pool.acquire(model_name)
     try:
 

@@ -12,6 +12,7 @@ from prometheus_client.registry import Collector
 if TYPE_CHECKING:
     from llmrun.server.inference import Usage
     from llmrun.server.pool import ModelPool
+    from llmrun.server.upstream import Upstreams
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TOKEN_GAP_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -52,6 +53,26 @@ class _PoolCollector(Collector):
                 saved.add_metric([model.name], len(scheduler.host_cache.entries))
         hits.add_metric([], hit_total)
         yield from (loaded, busy, slots, queued, hits, saved_bytes, saved)
+        if self.pool.upstreams is not None:
+            yield from _upstream_metrics(self.pool.upstreams)
+
+
+def _upstream_metrics(upstreams: Upstreams) -> Iterator[Metric]:
+    labels = ["upstream", "url"]
+    healthy = GaugeMetricFamily("llmrun_upstream_healthy", "1 while a replica passes its health check.", labels=labels)
+    in_flight = GaugeMetricFamily("llmrun_upstream_in_flight", "Requests a replica is answering now.", labels=labels)
+    sent = CounterMetricFamily("llmrun_upstream_requests", "Requests sent to a replica.", labels=labels)
+    failed = CounterMetricFamily(
+        "llmrun_upstream_failures", "Requests a replica failed (those not yet answered go to the next).", labels=labels
+    )
+    for upstream in upstreams.upstreams:
+        for replica in upstream.replicas:
+            key = [upstream.name, replica.url]
+            healthy.add_metric(key, float(replica.healthy))
+            in_flight.add_metric(key, replica.in_flight)
+            sent.add_metric(key, replica.requests)
+            failed.add_metric(key, replica.failures)
+    yield from (healthy, in_flight, sent, failed)
 
 
 class Metrics:

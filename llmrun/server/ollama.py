@@ -25,6 +25,8 @@ from llmrun.server.transport import EventStream, Lenient, unless_disconnected
 from llmrun.tools import NO_PARAMETERS, Tool, ToolCall
 
 if TYPE_CHECKING:
+    from llmrun.server.pool import ModelPool
+    from llmrun.server.upstream import Upstream
     from llmrun.store.store import ModelEntry, Store
 
 router = APIRouter(prefix="/api")
@@ -214,7 +216,7 @@ async def _respond(
     thinking: Callable[[str], dict[str, Any]] | None = None,
 ) -> Any:
     """Ollama's two shapes of one answer: a line per piece and a last line with the counts, or one object."""
-    model_name = stream.model.name
+    model_name = stream.model_name
 
     async def records() -> AsyncIterator[dict[str, Any]]:
         async for event in stream:
@@ -275,6 +277,8 @@ async def _load_or_unload(request: Request, body: _Generation, shape: dict[str, 
     """An empty chat or prompt: load the model (or unload it with keep_alive 0), as Ollama does."""
     pool = request.app.state.pool
     keep_alive = parse_keep_alive(body.keep_alive)
+    if pool.upstream_for(body.model) is not None:  # an upstream keeps its models loaded itself
+        return {"model": body.model, "created_at": _now(), **shape, "done": True, "done_reason": "load"}
     if keep_alive == 0:
         name, _, _ = await asyncio.to_thread(pool.resolve, body.model)
         await pool.unload(name)
@@ -403,10 +407,18 @@ def _digest(entry: Any) -> str:
 
 @router.get("/tags", response_model=None)
 async def tags(request: Request) -> Any:
-    store = request.app.state.pool.store
-    entries = await asyncio.to_thread(store.entries)
+    pool = request.app.state.pool
+    entries = await asyncio.to_thread(pool.store.entries)
+    upstream_models = pool.upstreams.models() if pool.upstreams is not None else []
+    routed = {name for name, _ in upstream_models}
+    listed = [
+        {"name": name, "model": name, "modified_at": _now(), "size": 0, "digest": "", "details": _details({}),
+         "upstream": upstream.name}
+        for name, upstream in upstream_models
+    ]  # fmt: skip
     return {
-        "models": [
+        "models": listed
+        + [
             {
                 "name": entry.name,
                 "model": entry.name,
@@ -416,7 +428,7 @@ async def tags(request: Request) -> Any:
                 "details": _details(entry.info),
             }  # fmt: skip
             for entry in entries
-            if not entry.damage  # a manifest that cannot be read names no usable model
+            if not entry.damage and entry.name not in routed  # an unreadable manifest names no usable model
         ]
     }
 
@@ -424,6 +436,11 @@ async def tags(request: Request) -> Any:
 @router.post("/show", response_model=None)
 async def show(body: ModelRequest, request: Request) -> Any:
     pool = request.app.state.pool
+    if (upstream := pool.upstream_for(body.model_name)) is not None:
+        return {
+            "license": "", "modelfile": f"# served by upstream {upstream.name}\n", "parameters": "", "template": "",
+            "details": _details({}), "model_info": {}, "capabilities": ["completion"], "modified_at": _now(),
+        }  # fmt: skip
     name, path, entry = await asyncio.to_thread(pool.resolve, body.model_name)
     from llmrun.store.gguf_file import read_model_files, summarize
 
@@ -465,9 +482,26 @@ def _ps_record(model: LoadedModel) -> dict[str, Any]:
     }
 
 
+def _upstream_record(name: str, upstream: Upstream) -> dict[str, Any]:
+    replicas = [{"url": replica.url, "healthy": replica.healthy, "in_flight": replica.in_flight,
+                 "requests": replica.requests, "failures": replica.failures, "last_error": replica.last_error}
+                for replica in upstream.replicas]  # fmt: skip
+    return {
+        "name": name, "model": name, "size": 0, "digest": "", "details": _details({}), "expires_at": None,
+        "size_vram": 0, "context_length": 0,
+        # llmrun's own, for `llmrun ps`
+        "upstream": upstream.name, "replicas": replicas,
+        "in_flight": sum(replica.in_flight for replica in upstream.replicas),
+    }  # fmt: skip
+
+
 @router.get("/ps", response_model=None)
 async def ps(request: Request) -> Any:
-    return {"models": [_ps_record(model) for model in request.app.state.pool.models.values()]}
+    pool = request.app.state.pool
+    local = [_ps_record(model) for model in pool.models.values()]
+    upstream = [_upstream_record(name, upstream) for name, upstream in pool.upstreams.models()] if pool.upstreams \
+        else []  # fmt: skip
+    return {"models": local + upstream}
 
 
 @router.post("/pull", response_model=None)
@@ -508,6 +542,8 @@ async def pull(body: PullRequest, request: Request) -> Any:
         def close(self) -> None:
             put({"status": f"pulling {self.name}", "digest": self.name, "total": self.total, "completed": self.n})
 
+    if (upstream := pool.upstream_for(body.model_name)) is not None:
+        raise UsageError(f"{body.model_name} is served by upstream {upstream.name}", "pull it there")
     settings = get_settings()
     options = PullOptions(
         hub_cache=settings.hub_cache, shared_cache=settings.hf_cache is not None, progress=Progress,
@@ -555,6 +591,11 @@ async def pull(body: PullRequest, request: Request) -> Any:
     return {"status": "success"}
 
 
+def _not_upstream(pool: ModelPool, name: str) -> None:
+    if (upstream := pool.upstream_for(name)) is not None:
+        raise UsageError(f"{name} is served by upstream {upstream.name}, not from this store", "manage it there")
+
+
 def _stored(store: Store, name: str) -> ModelEntry:
     """A model in the store by the name an Ollama client sends (``NAME:latest`` for a store's ``NAME``)."""
     entry = store.find(name) or store.find(name.removesuffix(":latest"))
@@ -566,6 +607,7 @@ def _stored(store: Store, name: str) -> ModelEntry:
 @router.delete("/delete", response_model=None)
 async def delete(body: ModelRequest, request: Request) -> Any:
     pool = request.app.state.pool
+    _not_upstream(pool, body.model_name)
     entry = _stored(pool.store, body.model_name)
     await pool.unload(entry.name)
     await asyncio.to_thread(pool.store.remove, entry.name)
@@ -581,6 +623,7 @@ class CopyRequest(Lenient):
 async def copy(body: CopyRequest, request: Request) -> Any:
     """Another name for a model (as `ollama cp`); the files are not copied. An existing destination is replaced."""
     store = request.app.state.pool.store
+    _not_upstream(request.app.state.pool, body.source)
     await asyncio.to_thread(store.copy, _stored(store, body.source).name, body.destination, replace=True)
     return Response(status_code=200)
 

@@ -247,6 +247,28 @@ def _usage(finished: list[Finished]) -> dict[str, Any]:
     return usage
 
 
+def _logs_here(request: Request) -> bool:
+    from llmrun.client import LOG_HEADER
+
+    return bool(request.app.state.pool.logs_here(request.headers.get(LOG_HEADER)))
+
+
+def _timings(event: Finished) -> dict[str, Any]:
+    """llama-server's ``timings`` object (its clients, and ``run --server``, read it): milliseconds, per answer."""
+    evaluated = max(0, event.usage.prompt_tokens - event.usage.cached_tokens)
+    prompt_ms, predicted_ms = event.time_to_first_token_s * 1000, event.generation_s * 1000
+    decodes = max(0, event.usage.completion_tokens - 1)
+    return {
+        "cache_n": event.usage.cached_tokens,
+        "prompt_n": evaluated,
+        "prompt_ms": round(prompt_ms, 3),
+        "prompt_per_second": round(evaluated / prompt_ms * 1000, 3) if prompt_ms > 0 else 0.0,
+        "predicted_n": event.usage.completion_tokens,
+        "predicted_ms": round(predicted_ms, 3),
+        "predicted_per_second": round(decodes / predicted_ms * 1000, 3) if predicted_ms > 0 else 0.0,
+    }
+
+
 def _chat_logprobs(entries: list[Any]) -> dict[str, Any]:
     return {
         "content": [
@@ -328,12 +350,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         max_tokens=body.max_completion_tokens or body.max_tokens, stop=_stops(body.stop), n=body.n,
         logprobs=logprobs, ignore_eos=body.ignore_eos, json_schema=schema, json_any=json_any,
         tools=tools, tool_choice=tool_choice, parallel_tool_calls=body.parallel_tool_calls, think=body.think,
-        effort=body.reasoning_effort, route="/v1/chat/completions",
+        effort=body.reasoning_effort, route="/v1/chat/completions", log=_logs_here(request),
     )  # fmt: skip
     stream = await start(pool, inference)
     completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
-    model_name = stream.model.name
+    model_name = stream.model_name
     if not body.stream:
         finished, gathered = await unless_disconnected(request, _gather(stream))
         choices = [
@@ -348,6 +370,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         return {
             "id": completion_id, "object": "chat.completion", "created": created, "model": model_name,
             "choices": choices, "usage": _usage(finished), "system_fingerprint": "llmrun",
+            "timings": _timings(finished[0]),
         }  # fmt: skip
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
@@ -380,7 +403,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
                 finished.append(event)
                 reason = FINISH_REASONS.get(event.finish_reason, "stop")
                 yield _sse({**base, "choices": [{"index": event.index, "delta": {}, "logprobs": None,
-                                                 "finish_reason": reason}]})  # fmt: skip
+                                                 "finish_reason": reason}], "timings": _timings(event)})  # fmt: skip
         if include_usage:
             yield _sse({**base, "choices": [], "usage": _usage(finished)})
 
@@ -401,7 +424,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
             inference = InferenceRequest(
                 model=body.model, prompt=prompt, sampling=_sampling(body), max_tokens=body.max_tokens or 16,
                 stop=_stops(body.stop), n=body.n, logprobs=body.logprobs, ignore_eos=body.ignore_eos,
-                route="/v1/completions",
+                route="/v1/completions", log=_logs_here(request),
             )  # fmt: skip
             streams.append(await start(pool, inference))
     except BaseException:
@@ -410,7 +433,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         raise
     completion_id = f"cmpl-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
-    model_name = streams[0].model.name
+    model_name = streams[0].model_name
     base = {"id": completion_id, "object": "text_completion", "created": created, "model": model_name,
             "system_fingerprint": "llmrun"}  # fmt: skip
     if not body.stream:
@@ -442,7 +465,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
             "completion_tokens": sum(event.usage.completion_tokens for event in finished),
         }
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        return {**base, "choices": choices, "usage": usage}
+        return {**base, "choices": choices, "usage": usage, "timings": _timings(finished[0])}
     stream = streams[0]
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
@@ -462,7 +485,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
                 finished.append(event)
                 reason = FINISH_REASONS.get(event.finish_reason, "stop")
                 yield _sse({**base, "choices": [{"index": event.index, "text": "", "logprobs": None,
-                                                 "finish_reason": reason}]})  # fmt: skip
+                                                 "finish_reason": reason}], "timings": _timings(event)})  # fmt: skip
         if include_usage:
             usage = _usage(finished)
             usage.pop("prompt_tokens_details")
@@ -515,6 +538,10 @@ async def list_models(request: Request) -> Any:
     for model in pool.models.values():
         seen.add(model.name)
         data.append(_model(model.name, int(model.loaded_at), request))
+    for name, upstream in pool.upstreams.models() if pool.upstreams is not None else []:
+        if name not in seen:
+            seen.add(name)
+            data.append(_model(name, int(time.time()), request, owner=upstream.name))
     for entry in pool.store.entries():
         if entry.name not in seen and not entry.damage:  # a manifest that cannot be read names no usable model
             data.append(_model(entry.name, _timestamp(entry.added_at), request))
@@ -528,6 +555,8 @@ async def list_models(request: Request) -> Any:
 @router.get("/models/{model_id:path}", response_model=None)
 async def get_model(model_id: str, request: Request) -> Any:
     pool = request.app.state.pool
+    if (upstream := pool.upstream_for(model_id)) is not None:
+        return _model(model_id, int(time.time()), request, owner=upstream.name)
     name, _, entry = pool.resolve(model_id)
     created = _timestamp(entry.added_at) if entry is not None else int(time.time())
     return _model(name, created, request)
@@ -538,13 +567,13 @@ def _anthropic(request: Request) -> bool:
     return "anthropic-version" in request.headers
 
 
-def _model(name: str, created: int, request: Request) -> dict[str, Any]:
+def _model(name: str, created: int, request: Request, owner: str = "llmrun") -> dict[str, Any]:
     if _anthropic(request):
         from datetime import datetime, timezone
 
         when = datetime.fromtimestamp(created, timezone.utc).isoformat().replace("+00:00", "Z")
         return {"type": "model", "id": name, "display_name": name, "created_at": when}
-    return {"id": name, "object": "model", "created": created, "owned_by": "llmrun"}
+    return {"id": name, "object": "model", "created": created, "owned_by": owner}
 
 
 def _timestamp(iso: str) -> int:

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from llmrun.logs import Exchange, LogStore
     from llmrun.server.inference import Finished, InferenceRequest
     from llmrun.server.metrics import Metrics
+    from llmrun.server.upstream import Upstream, Upstreams
     from llmrun.store.store import ModelEntry, Store
 
 DEFAULT_KEEP_ALIVE_S = 300.0
@@ -133,7 +134,9 @@ class ModelPool:
         self.log_store = log_store
         # One writer, so exchanges reach the log in the order they finished and never contend with each other.
         self._log_writer = ThreadPoolExecutor(1, thread_name_prefix="llmrun-log") if log_store is not None else None
+        self.log_id = log_store.log_id() if log_store is not None else None
         self.models: dict[str, LoadedModel] = {}
+        self.upstreams: Upstreams | None = None  # model names served by upstream engines (serve --config)
         self._locks: dict[str, asyncio.Lock] = {}
         self.prefix_hit_tokens_unloaded = 0
 
@@ -239,11 +242,19 @@ class ModelPool:
         """Count a finished answer in the metrics, and log it (off the event loop)."""
         if self.metrics is not None:
             self.metrics.observe_generation(model_name, event.usage, event.time_to_first_token_s, event.generation_s)
-        if self.log_store is not None and self._log_writer is not None and event.error is None:
+        if self.log_store is not None and self._log_writer is not None and event.error is None and request.log:
             try:
                 self._log_writer.submit(_log_exchange, self.log_store, request, model_name, event)
             except RuntimeError:  # the server has closed its log: an answer finished after the grace period
                 sys.stderr.write("warning: exchange not logged: the server is stopping\n")
+
+    def upstream_for(self, name: str) -> Upstream | None:
+        """The upstream engine serving ``name``, if one does (upstreams come before the store: they were declared)."""
+        return self.upstreams.route(name) if self.upstreams is not None else None
+
+    def logs_here(self, log_header: str | None) -> bool:
+        """False when a client says it logs the exchange itself, in this very log (``client.LOG_HEADER``)."""
+        return not (log_header and self.log_id and log_header == self.log_id)
 
     def find_loaded(self, name: str) -> LoadedModel | None:
         text = name.strip()
@@ -253,6 +264,8 @@ class ModelPool:
     async def close(self) -> None:
         for name in list(self.models):
             await self.unload(name)
+        if self.upstreams is not None:
+            await self.upstreams.close()
         if self._log_writer is not None:
             await asyncio.to_thread(self._log_writer.shutdown, wait=True)  # every finished exchange is in the log
 
@@ -275,7 +288,7 @@ def _exchange(request: InferenceRequest, model_name: str, event: Finished) -> Ex
         prompt = request.prompt or ""
     options: dict[str, Any] = {"route": request.route}
     if request.sampling is not None:
-        options.update({key: value for key, value in vars(request.sampling).items() if value not in (None, ())})
+        options.update(request.sampling.logged())
     if request.max_tokens:
         options["max_tokens"] = request.max_tokens
     decodes = event.usage.completion_tokens - 1

@@ -308,7 +308,7 @@ async def create_response(body: ResponsesRequest, request: Request) -> Any:
     if not body.stream:
         event = await unless_disconnected(request, final_answer(stream))
         output = _output_items(event, f"msg_{uuid.uuid4().hex[:24]}", {})
-        response = _response(body, response_id, created, stream.model.name, "completed", output, event)
+        response = _response(body, response_id, created, stream.model_name, "completed", output, event)
         await _store(request, body, conversation, response, event)
         return response
     events = _events(request, body, conversation, stream, response_id, created)
@@ -321,7 +321,7 @@ async def _events(
 ) -> AsyncIterator[str]:  # fmt: skip
     """Responses' event sequence: each output item is added, filled by deltas, and done, then the response."""
     sequence = 0
-    model = stream.model.name
+    model = stream.model_name
 
     def sse(kind: str, data: dict[str, Any]) -> str:
         nonlocal sequence

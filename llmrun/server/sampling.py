@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from llmrun.engine import SamplingParams
+from llmrun.generation import SamplingParams
 
 
 def sampling_from(**fields: Any) -> SamplingParams:
     """``SamplingParams`` with the given fields; None means the default."""
-    from llmrun.engine import SamplingParams
-
-    return SamplingParams(**{key: value for key, value in fields.items() if value is not None})
+    given = {key: value for key, value in fields.items() if value is not None and value != ()}
+    return SamplingParams(**given, explicit=frozenset(given))

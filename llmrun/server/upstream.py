@@ -1,0 +1,674 @@
+"""Upstream engines: model names a server routes to other OpenAI-compatible servers (vLLM, TGI, SGLang,
+llama-server, another llmrun), declared in ``serve --config FILE``.
+
+An upstream request is the same ``InferenceRequest`` as a local one, sent as an OpenAI chat (or completion)
+request, and its answer comes back as the same ``Event`` stream: every API llmrun speaks reaches upstream models,
+and nothing above ``inference.start`` knows where a model runs. Replicas of one upstream share its models; each
+request goes to the healthy one with the fewest requests in flight. A replica that refuses a connection, answers
+5xx, sends garbage or says nothing before the first token is taken out and the request tried on the next, which is
+safe because nothing has reached the client yet; a background check every ``health_interval_s`` takes it back in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from llmrun.errors import LlmrunError, ModelNotFound, PromptTooLong, UpstreamError, UpstreamTimeout, UsageError
+from llmrun.generation import TokenLogprob
+from llmrun.server.inference import (
+    Event,
+    Finished,
+    InferenceRequest,
+    ReasoningDelta,
+    TextDelta,
+    ToolCallDelta,
+    Usage,
+)
+from llmrun.tools import ToolCall
+
+if TYPE_CHECKING:
+    from llmrun.server.pool import ModelPool
+
+DEFAULT_CONNECT_TIMEOUT_S = 5.0
+DEFAULT_READ_TIMEOUT_S = 300.0  # the longest wait for a response, or between two of its chunks
+DEFAULT_HEALTH_INTERVAL_S = 10.0
+HEALTH_TIMEOUT_S = 5.0
+UPSTREAM_KEYS = {"urls", "url", "api_key_env", "models", "connect_timeout_s", "read_timeout_s", "health_interval_s"}
+# Sampling fields sent on as the OpenAI API (and llama.cpp's and vLLM's servers) name them.
+SAMPLING_FIELDS = {
+    "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+    "repeat_penalty": "repeat_penalty", "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty", "seed": "seed",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    """One ``[upstreams.NAME]`` table of the config file."""
+
+    name: str
+    urls: tuple[str, ...]
+    models: tuple[str, ...] = ()  # empty: those its /v1/models lists
+    api_key_env: str | None = None
+    connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
+    health_interval_s: float = DEFAULT_HEALTH_INTERVAL_S
+
+
+def load_config(path: Path) -> tuple[UpstreamConfig, ...]:
+    """The upstreams of a ``serve --config`` file; a mistake is one line naming the file and what to fix."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - exercised on Python 3.10 only
+        import tomli as tomllib
+
+    where = str(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise UsageError(f"cannot read the config {where}: {error.strerror}", "give an existing TOML file") from None
+    except tomllib.TOMLDecodeError as error:
+        raise UsageError(f"{where} is not valid TOML: {error}", "fix its syntax") from None
+    unknown = set(data) - {"upstreams"}
+    if unknown:
+        raise UsageError(f"{where}: unknown table {sorted(unknown)[0]!r}", "the config holds [upstreams.NAME] tables")
+    tables = data.get("upstreams", {})
+    if not isinstance(tables, dict):
+        raise UsageError(f"{where}: upstreams must be tables", "write [upstreams.NAME] with urls = [...]")
+    upstreams = []
+    for name, table in tables.items():
+        upstreams.append(_upstream(where, name, table))
+    return tuple(upstreams)
+
+
+def _upstream(where: str, name: str, table: Any) -> UpstreamConfig:
+    at = f"{where}: [upstreams.{name}]"
+    if not isinstance(table, dict):
+        raise UsageError(f"{at} is not a table", 'write urls = ["http://host:port"] under it')
+    unknown = set(table) - UPSTREAM_KEYS
+    if unknown:
+        raise UsageError(
+            f"{at} has an unknown key {sorted(unknown)[0]!r}", f"known keys: {', '.join(sorted(UPSTREAM_KEYS))}"
+        )
+    urls = table.get("urls", [table["url"]] if "url" in table else [])
+    if isinstance(urls, str):
+        urls = [urls]
+    if not urls or not all(isinstance(url, str) and url.startswith(("http://", "https://")) for url in urls):
+        raise UsageError(f"{at} needs urls, a list of http(s) URLs", 'e.g. urls = ["http://10.0.0.5:8000"]')
+    models = table.get("models", [])
+    if not isinstance(models, list) or not all(isinstance(model, str) and model.strip() for model in models):
+        raise UsageError(f"{at}: models must be a list of names", 'e.g. models = ["qwen2.5-72b"]')
+    key_env = table.get("api_key_env")
+    if key_env is not None and (not isinstance(key_env, str) or not key_env.strip()):
+        raise UsageError(f"{at}: api_key_env must name an environment variable", 'e.g. api_key_env = "GPU_BOX_KEY"')
+    times = {}
+    for key, default in (("connect_timeout_s", DEFAULT_CONNECT_TIMEOUT_S), ("read_timeout_s", DEFAULT_READ_TIMEOUT_S),
+                         ("health_interval_s", DEFAULT_HEALTH_INTERVAL_S)):  # fmt: skip
+        value = table.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise UsageError(f"{at}: {key} must be a number of seconds above 0", f"e.g. {key} = {default:g}")
+        times[key] = float(value)
+    return UpstreamConfig(
+        name=name, urls=tuple(url.rstrip("/").removesuffix("/v1") for url in urls),
+        models=tuple(model.strip() for model in models), api_key_env=key_env, **times,
+    )  # fmt: skip
+
+
+@dataclass(eq=False)
+class Replica:
+    """One URL of an upstream, and what llmrun knows of it."""
+
+    url: str
+    healthy: bool = True
+    in_flight: int = 0
+    last_error: str = ""
+    requests: int = 0
+    failures: int = 0
+
+
+@dataclass(eq=False)
+class Upstream:
+    """One upstream: its replicas, its models, and the requests sent to it."""
+
+    config: UpstreamConfig
+    replicas: list[Replica]
+    http: httpx.AsyncClient  # shared by all upstreams: pooled connections
+    discovered: tuple[str, ...] = ()  # model names its replicas list, when the config names none
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return self.config.models or self.discovered
+
+    def pick(self, tried: set[Replica]) -> Replica | None:
+        """The healthy replica with the fewest requests in flight (an unhealthy one only when none is healthy)."""
+        candidates = [replica for replica in self.replicas if replica not in tried]
+        healthy = [replica for replica in candidates if replica.healthy]
+        pool = healthy or candidates
+        return min(pool, key=lambda replica: replica.in_flight) if pool else None
+
+    async def embed(self, model: str, inputs: list[Any]) -> tuple[list[list[float]], int]:
+        """Embeddings from the upstream's /v1/embeddings (tried on each replica until one answers)."""
+        body = {"model": model, "input": inputs, "encoding_format": "float"}
+        response = await self._post("/v1/embeddings", body, stream=False)
+        try:
+            data = response.json()
+            vectors = [entry["embedding"] for entry in sorted(data["data"], key=lambda entry: entry["index"])]
+            tokens = int((data.get("usage") or {}).get("prompt_tokens") or 0)
+        except (ValueError, KeyError, TypeError):
+            raise UpstreamError(f"upstream {self.name} sent embeddings that do not parse", "see its log") from None
+        return vectors, tokens
+
+    async def start_stream(self, pool: ModelPool, request: InferenceRequest) -> UpstreamStream:
+        """Send ``request`` and wait for its first event, on another replica if one fails before that."""
+        path, body = request_body(request)
+        tried: set[Replica] = set()
+        last: LlmrunError | None = None
+        while (replica := self.pick(tried)) is not None:
+            tried.add(replica)
+            replica.in_flight += 1
+            replica.requests += 1
+            began = time.perf_counter()
+            response: httpx.Response | None = None
+            try:
+                response = await self._send(replica, path, body, stream=True)
+                events = _events(response, self, request.n, began)
+                first = await _first(events)
+            except _Retry as retry:
+                replica.in_flight -= 1
+                replica.failures += 1
+                replica.healthy, replica.last_error = False, retry.error.message
+                last = retry.error
+                continue
+            except BaseException:  # a refusal (4xx), or the client left: the request ends here
+                replica.in_flight -= 1
+                if response is not None:
+                    await response.aclose()
+                raise
+            return UpstreamStream(request, pool, self, replica, response, events, first, began)
+        raise last or UpstreamError(f"upstream {self.name} has no replica", "add urls to its config")
+
+    async def _post(self, path: str, body: dict[str, Any], stream: bool) -> httpx.Response:
+        tried: set[Replica] = set()
+        last: LlmrunError | None = None
+        while (replica := self.pick(tried)) is not None:
+            tried.add(replica)
+            replica.in_flight += 1
+            try:
+                response = await self._send(replica, path, body, stream=stream)
+                await response.aread()
+                return response
+            except _Retry as retry:
+                replica.healthy, replica.last_error = False, retry.error.message
+                last = retry.error
+            finally:
+                replica.in_flight -= 1
+        raise last or UpstreamError(f"upstream {self.name} has no replica", "add urls to its config")
+
+    async def _send(self, replica: Replica, path: str, body: dict[str, Any], stream: bool) -> httpx.Response:
+        """The response's status line; a failure that another replica may not have raises ``_Retry``."""
+        config = self.config
+        timeout = httpx.Timeout(config.read_timeout_s, connect=config.connect_timeout_s)
+        request = self.http.build_request("POST", replica.url + path, json=body, headers=self.headers,
+                                          timeout=timeout)  # fmt: skip
+        where = f"upstream {self.name} ({replica.url})"
+        try:
+            response = await self.http.send(request, stream=stream)
+        except httpx.TimeoutException:
+            raise _Retry(UpstreamTimeout(f"{where} did not answer within its timeout", "see its log")) from None
+        except httpx.TransportError as error:
+            raise _Retry(UpstreamError(f"{where} cannot be reached: {error or type(error).__name__}",
+                                       "is it running?")) from None  # fmt: skip
+        if response.status_code < 400:
+            return response
+        try:
+            await response.aread()
+        except httpx.HTTPError:
+            pass
+        finally:
+            await response.aclose()
+        refusal = _refusal(response, where, str(body.get("model", "")))
+        if response.status_code >= 500 or response.status_code == 429:
+            raise _Retry(refusal)
+        raise refusal
+
+
+@dataclass(frozen=True)
+class UpstreamModel:
+    """What a stream's API module needs of the model answering: its name (as ``LoadedModel`` has)."""
+
+    name: str
+    upstream: str
+
+
+class Upstreams:
+    """The upstream engines of a server: routing by model name, health checks, one pooled HTTP client."""
+
+    def __init__(self, configs: tuple[UpstreamConfig, ...]) -> None:
+        self.http = httpx.AsyncClient(
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256), trust_env=False
+        )
+        self.upstreams: list[Upstream] = []
+        for config in configs:
+            headers = {}
+            if config.api_key_env:
+                key = os.environ.get(config.api_key_env, "")
+                if not key:
+                    raise UsageError(
+                        f"upstream {config.name}: the environment variable {config.api_key_env} is not set",
+                        f"export {config.api_key_env}=KEY before `llmrun serve`",
+                    )
+                headers["Authorization"] = f"Bearer {key}"
+            self.upstreams.append(Upstream(config, [Replica(url) for url in config.urls], self.http, headers=headers))
+        self._checks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        """Check every replica once (and learn the models of upstreams that name none), then keep checking."""
+        await asyncio.gather(*(self._check(upstream, replica) for upstream in self.upstreams
+                               for replica in upstream.replicas))  # fmt: skip
+        for upstream in self.upstreams:
+            self._checks.append(asyncio.ensure_future(self._keep_checking(upstream)))
+
+    async def close(self) -> None:
+        for task in self._checks:
+            task.cancel()
+        await asyncio.gather(*self._checks, return_exceptions=True)
+        await self.http.aclose()
+
+    def route(self, model: str) -> Upstream | None:
+        """The upstream serving ``model`` (``:latest`` ignored, as Ollama's clients add it), if any."""
+        name = model.strip()
+        for candidate in (name, name.removesuffix(":latest")):
+            for upstream in self.upstreams:
+                if candidate in upstream.models:
+                    return upstream
+        return None
+
+    def models(self) -> list[tuple[str, Upstream]]:
+        return [(model, upstream) for upstream in self.upstreams for model in upstream.models]
+
+    async def _keep_checking(self, upstream: Upstream) -> None:
+        while True:
+            await asyncio.sleep(upstream.config.health_interval_s)
+            await asyncio.gather(*(self._check(upstream, replica) for replica in upstream.replicas))
+
+    async def _check(self, upstream: Upstream, replica: Replica) -> None:
+        """A replica is healthy when its /v1/models answers 200 with JSON."""
+        timeout = min(HEALTH_TIMEOUT_S, upstream.config.health_interval_s)
+        try:
+            response = await self.http.get(f"{replica.url}/v1/models", headers=upstream.headers, timeout=timeout)
+            listed = response.json().get("data", []) if response.status_code == 200 else None
+        except (httpx.HTTPError, ValueError, AttributeError) as error:
+            replica.healthy, replica.last_error = False, str(error) or type(error).__name__
+            return
+        if listed is None:
+            replica.healthy, replica.last_error = False, f"/v1/models answered {response.status_code}"
+            return
+        replica.healthy, replica.last_error = True, ""
+        if not upstream.config.models and isinstance(listed, list):
+            names = [str(entry["id"]) for entry in listed if isinstance(entry, dict) and entry.get("id")]
+            upstream.discovered = tuple(dict.fromkeys([*upstream.discovered, *names]))
+
+
+class _Retry(Exception):
+    """A replica failed before anything reached the client: try the next one."""
+
+    def __init__(self, error: LlmrunError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+class UpstreamRefused(LlmrunError):
+    """An upstream refused the request (4xx): the client gets the same status and the upstream's reason."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.http_status = status
+
+
+def _refusal(response: httpx.Response, where: str, model: str) -> LlmrunError:
+    message = response.reason_phrase or "error"
+    code = ""
+    try:
+        payload = response.json()
+    except ValueError:
+        payload = None
+    if isinstance(payload, dict):
+        error = payload.get("error", payload.get("detail", payload.get("message")))
+        if isinstance(error, dict):
+            message, code = str(error.get("message") or message), str(error.get("code") or "")
+        elif error:
+            message = str(error)
+    elif response.text.strip():
+        message = response.text.strip().splitlines()[0][:200]
+    text = f"{where}: {message}"
+    status = response.status_code
+    if status >= 500:
+        return UpstreamError(f"{where} answered {status}: {message}", "see its log")
+    if status == 404 and (code == "model_not_found" or "model" in message.lower()):
+        return ModelNotFound(text, f"check the models of upstream {where.split()[1]} in the config")
+    if status == 400 and (code == "context_length_exceeded" or "context" in message.lower()):
+        return PromptTooLong(text)
+    return UpstreamRefused(text, status)
+
+
+def request_body(request: InferenceRequest) -> tuple[str, dict[str, Any]]:
+    """An ``InferenceRequest`` as an OpenAI request: its path and body (always streamed, with usage)."""
+    body: dict[str, Any] = {"model": request.model, "stream": True, "stream_options": {"include_usage": True}}
+    sampling = request.sampling
+    if sampling is not None:  # only what the client set: the rest is the upstream's own default
+        for field_name, wire_name in SAMPLING_FIELDS.items():
+            if field_name in sampling.explicit:
+                body[wire_name] = getattr(sampling, field_name)
+        if "logit_bias" in sampling.explicit and sampling.logit_bias:
+            body["logit_bias"] = {str(token): bias for token, bias in sampling.logit_bias}
+    if request.max_tokens is not None:
+        body["max_tokens"] = request.max_tokens
+    if request.stop:
+        body["stop"] = list(request.stop)
+    if request.n > 1:
+        body["n"] = request.n
+    if request.ignore_eos:
+        body["ignore_eos"] = True
+    if request.messages is None:
+        body["prompt"] = request.prompt or ""
+        if request.logprobs is not None:
+            body["logprobs"] = request.logprobs
+        return "/v1/completions", body
+    messages = [_message(message) for message in request.messages]
+    if request.prefill:
+        messages.append({"role": "assistant", "content": request.prefill})
+    body["messages"] = messages
+    if request.logprobs is not None:
+        body["logprobs"] = True
+        body["top_logprobs"] = request.logprobs
+    if request.json_schema is not None:
+        body["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "answer", "schema": request.json_schema},
+        }
+    elif request.json_any:
+        body["response_format"] = {"type": "json_object"}
+    if request.tools:
+        body["tools"] = [
+            {"type": "function",
+             "function": {"name": tool.name, "description": tool.description, "parameters": tool.parameters}}
+            for tool in request.tools
+        ]  # fmt: skip
+        choice = request.tool_choice
+        named = {"type": "function", "function": {"name": choice.name}}
+        body["tool_choice"] = named if choice.mode == "function" else choice.mode
+        body["parallel_tool_calls"] = request.parallel_tool_calls
+    if request.think is not None:
+        body["chat_template_kwargs"] = {"enable_thinking": request.think}
+    if request.effort is not None:
+        body["reasoning_effort"] = request.effort
+    return "/v1/chat/completions", body
+
+
+def _message(message: dict[str, Any]) -> dict[str, Any]:
+    """An internal message in OpenAI's shape: tool call arguments as JSON text (Ollama sends objects)."""
+    converted = dict(message)
+    calls = converted.get("tool_calls")
+    if calls:
+        converted["tool_calls"] = [
+            {**call, "function": {**call["function"], "arguments": arguments if isinstance(
+                arguments := call["function"].get("arguments", "{}"), str) else json.dumps(arguments)}}
+            for call in calls
+        ]  # fmt: skip
+    return converted
+
+
+async def _first(events: AsyncIterator[Event | None]) -> list[Event]:
+    """The first event (an upstream that hangs is cut off by the HTTP client's read timeout, as ``_Retry``)."""
+    async for event in events:
+        if event is not None:
+            return [event]
+    return []
+
+
+async def _events(response: httpx.Response, upstream: Upstream, n: int, began: float) -> AsyncIterator[Event | None]:
+    """An upstream's SSE stream as llmrun's events; before the first event a failure is ``_Retry``, after it an
+    ``UpstreamError`` (the caller ends the answer with it)."""
+    state = [_Answer() for _ in range(max(1, n))]
+    usage: dict[str, Any] = {}
+    sent = False
+    where = f"upstream {upstream.name}"
+    try:
+        async for line in response.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            data = line[len("data:") :].strip()
+            if data == "[DONE]":
+                break
+            try:
+                chunk = json.loads(data)
+            except ValueError:
+                raise UpstreamError(f"{where} sent something that is not JSON: {data[:60]!r}", "see its log") from None
+            if not isinstance(chunk, dict):
+                raise UpstreamError(f"{where} sent a chunk that is not an object", "see its log")
+            if "error" in chunk:
+                reported = chunk["error"]
+                message = reported.get("message") if isinstance(reported, dict) else reported
+                raise UpstreamError(f"{where}: {message}")
+            if isinstance(chunk.get("usage"), dict):
+                usage = chunk["usage"]
+            for choice in chunk.get("choices") or []:
+                if not isinstance(choice, dict):
+                    continue
+                index = int(choice.get("index") or 0)
+                if not 0 <= index < len(state):
+                    continue
+                for event in state[index].feed(index, choice):
+                    sent = True
+                    yield event
+            yield None  # a chunk without events still proves the stream alive
+    except httpx.TimeoutException:
+        timeout = UpstreamTimeout(f"{where} sent nothing within its read timeout", "see its log")
+        if not sent:
+            raise _Retry(timeout) from None
+        raise timeout from None
+    except httpx.TransportError as failure:
+        dropped = UpstreamError(f"{where} closed the connection mid-answer ({failure})", "try again")
+        if not sent:
+            raise _Retry(dropped) from None
+        raise dropped from None
+    except UpstreamError as failure:
+        if not sent:
+            raise _Retry(failure) from None
+        raise
+    finally:
+        await response.aclose()
+    if not any(answer.finish_reason for answer in state) and not sent:
+        raise _Retry(UpstreamError(f"{where} ended its answer without a token", "see its log"))
+    total = time.perf_counter() - began
+    for index, answer in enumerate(state):
+        yield answer.finished(index, usage, n, began, total)
+
+
+@dataclass
+class _Answer:
+    """One choice as it streams from an upstream."""
+
+    text: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
+    calls: dict[int, list[str]] = field(default_factory=dict)  # index: [id, name, arguments...]
+    finish_reason: str = ""
+    tokens: int = 0
+    first: float | None = None
+    last: float | None = None
+
+    def feed(self, index: int, choice: dict[str, Any]) -> list[Event]:
+        events: list[Event] = []
+        given = choice.get("delta") if "delta" in choice else {"content": choice.get("text")}
+        delta: dict[str, Any] = given if isinstance(given, dict) else {}
+        thinking = delta.get("reasoning_content") or delta.get("reasoning")
+        if isinstance(thinking, str) and thinking:
+            self.reasoning.append(thinking)
+            events.append(ReasoningDelta(index, thinking))
+        content = delta.get("content")
+        logprobs = _logprobs(choice.get("logprobs"))
+        if (isinstance(content, str) and content) or logprobs:
+            text = content if isinstance(content, str) else ""
+            self.text.append(text)
+            events.append(TextDelta(index, text, logprobs))
+        for call in delta.get("tool_calls") or []:
+            if not isinstance(call, dict):
+                continue
+            call_index = int(call.get("index") or 0)
+            given = call.get("function")
+            function: dict[str, Any] = given if isinstance(given, dict) else {}
+            parts = self.calls.get(call_index)
+            if parts is None:
+                parts = self.calls[call_index] = [str(call.get("id") or f"call_{call_index}"),
+                                                  str(function.get("name") or ""), ""]  # fmt: skip
+                events.append(ToolCallDelta(index, call_index, parts[0], parts[1], ""))
+            arguments = function.get("arguments")
+            if isinstance(arguments, str) and arguments:
+                parts[2] += arguments
+                events.append(ToolCallDelta(index, call_index, None, None, arguments))
+        if events:
+            now = time.perf_counter()
+            self.first = self.first or now
+            self.last = now
+            self.tokens += 1
+        if choice.get("finish_reason"):
+            self.finish_reason = str(choice["finish_reason"])
+        return events
+
+    def finished(self, index: int, usage: dict[str, Any], n: int, began: float, total_s: float) -> Finished:
+        calls = []
+        for call_index in sorted(self.calls):
+            call_id, name, arguments = self.calls[call_index]
+            try:
+                json.loads(arguments or "{}")
+            except ValueError:
+                raise UpstreamError(f"the upstream's call of {name} has arguments that are not JSON", "see its log") \
+                    from None  # fmt: skip
+            calls.append(ToolCall(call_id, name, arguments or "{}"))
+        completion = int(usage.get("completion_tokens") or 0)
+        prompt = int(usage.get("prompt_tokens") or 0)
+        cached = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+        counted = completion if n == 1 and completion else self.tokens
+        reason = self.finish_reason or "stop"
+        if reason == "tool_calls" and not calls:
+            reason = "stop"
+        first = self.first or (began + total_s)
+        return Finished(
+            index=index, finish_reason=reason, text="".join(self.text), usage=Usage(prompt, counted, cached),
+            time_to_first_token_s=first - began, generation_s=(self.last or first) - first, total_s=total_s,
+            tool_calls=tuple(calls), reasoning="".join(self.reasoning),
+        )  # fmt: skip
+
+
+def _logprobs(value: Any) -> list[TokenLogprob]:
+    """OpenAI chat logprobs (``content`` entries) or completion logprobs, as llmrun's."""
+    if not isinstance(value, dict):
+        return []
+    entries = []
+    if isinstance(value.get("content"), list):
+        for entry in value["content"]:
+            if not isinstance(entry, dict):
+                continue
+            top = tuple((str(alt.get("token", "")), bytes(alt.get("bytes") or []), float(alt.get("logprob", 0.0)))
+                        for alt in entry.get("top_logprobs") or [] if isinstance(alt, dict))  # fmt: skip
+            entries.append(TokenLogprob(str(entry.get("token", "")), bytes(entry.get("bytes") or []),
+                                        float(entry.get("logprob", 0.0)), top))  # fmt: skip
+    elif isinstance(value.get("tokens"), list):
+        tops = value.get("top_logprobs") or []
+        for number, token in enumerate(value["tokens"]):
+            logprob = (
+                (value.get("token_logprobs") or [0.0])[number]
+                if number < len(value.get("token_logprobs") or [])
+                else 0.0
+            )
+            alternatives = tops[number] if number < len(tops) and isinstance(tops[number], dict) else {}
+            top = tuple((str(text), str(text).encode(), float(lp)) for text, lp in alternatives.items())
+            entries.append(TokenLogprob(str(token), str(token).encode(), float(logprob or 0.0), top))
+    return entries
+
+
+class UpstreamStream:
+    """A started upstream request, with ``Stream``'s interface: iterate for events; ``close()`` stops it."""
+
+    def __init__(
+        self, request: InferenceRequest, pool: ModelPool, upstream: Upstream, replica: Replica,
+        response: httpx.Response, events: AsyncIterator[Event | None], first: list[Event], began: float,
+    ) -> None:  # fmt: skip
+        self.request = request
+        self.model = UpstreamModel(request.model, upstream.name)
+        self.upstream = upstream
+        self.replica = replica
+        self.load_s = 0.0
+        self.prompt_tokens = 0  # an upstream says only at the end
+        self.created = time.time()
+        self._pool = pool
+        self._response = response
+        self._events = events
+        self._first = first
+        self._began = began
+        self._closed = False
+
+    @property
+    def model_name(self) -> str:
+        return self.model.name
+
+    async def __aiter__(self) -> AsyncIterator[Event]:
+        finished: set[int] = set()
+        try:
+            for event in self._first:
+                if isinstance(event, Finished):
+                    finished.add(event.index)
+                    self._finished(event)
+                yield event
+            if len(finished) < self.request.n:
+                try:
+                    async for item in self._events:
+                        if item is None:
+                            continue
+                        if isinstance(item, Finished):
+                            finished.add(item.index)
+                            self._finished(item)
+                        yield item
+                except (LlmrunError, _Retry) as failure:  # after the first token: the answer ends with the error
+                    error = failure.error if isinstance(failure, _Retry) else failure
+                    self.replica.failures += 1
+                    total = time.perf_counter() - self._began
+                    for index in sorted(set(range(self.request.n)) - finished):
+                        yield Finished(index, "error", "", Usage(0, 0), 0.0, 0.0, total, error=error)
+        finally:
+            await self.aclose()
+
+    def _finished(self, event: Finished) -> None:
+        self._pool.finished(self.request, self.model.name, event)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.replica.in_flight -= 1
+        closer = getattr(self._events, "aclose", None)
+        if closer is not None:
+            with contextlib.suppress(Exception):
+                await closer()
+        await self._response.aclose()
+
+    def close(self) -> None:
+        """Stop the upstream request (from sync code: the connection closes on the event loop)."""
+        if not self._closed:
+            asyncio.ensure_future(self.aclose())
