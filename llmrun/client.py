@@ -4,19 +4,20 @@ the OpenAI API (llama-server, vLLM, Ollama, ...).
 It sends OpenAI chat (or completion) requests, streamed, and gives back what the engine gives in-process: the text
 as it comes, thinking apart from the answer, then a ``GenerationResult``. The server's errors become llmrun's
 (``ModelNotFound``, ``PromptTooLong``, ``ServerUnreachable``, ...), so the exit codes are the same either way. No
-llama.cpp here: a command sent to a server never loads it.
+llama.cpp here: a command sent to a server never loads it; and the standard library's ``http.client`` rather than
+httpx, whose import alone took 60 ms of a 200 ms ``run --server``.
 """
 
 from __future__ import annotations
 
-import contextlib
+import http.client
 import json
+import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
-
-import httpx
+from urllib.parse import quote, urlsplit
 
 from llmrun.errors import LlmrunError, ModelNotFound, PromptTooLong, ServerUnreachable, UsageError
 from llmrun.generation import GenerationResult, SamplingParams
@@ -90,26 +91,81 @@ class Ask:
         return body
 
 
+@dataclass
+class _Response:
+    """A response's status and (for an error) its body, read whole."""
+
+    status: int
+    reason: str
+    body: bytes
+    path: str
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8", errors="replace")
+
+
 class ServerClient:
-    """A connection pool to one server; ``ask`` starts a streamed answer."""
+    """One server's address and key; ``ask`` starts a streamed answer."""
 
     def __init__(self, url: str, api_key: str | None = None, log_id: str | None = None) -> None:
         self.root = server_root(url)
+        parts = urlsplit(self.root)
+        self._https = parts.scheme == "https"
+        self._host = parts.hostname or "127.0.0.1"
+        self._port = parts.port or (443 if self._https else 80)
+        self._prefix = parts.path.rstrip("/")
         self.api_key = api_key
         self.log_id = log_id
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.Client(
-            headers=headers, timeout=httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S), trust_env=False
-        )
 
     def close(self) -> None:
-        self.http.close()
+        """Nothing held between requests (each opens its own connection: a CLI sends a handful)."""
 
     def __enter__(self) -> ServerClient:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+    def open(
+        self, method: str, path: str, body: dict[str, Any] | None = None, headers: dict[str, str] | None = None,
+        timeout_s: float = READ_TIMEOUT_S,
+    ) -> http.client.HTTPResponse:  # fmt: skip
+        """Send a request and return the response with its body unread; a server that cannot be reached raises
+        ServerUnreachable."""
+        kind = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+        connection = kind(self._host, self._port, timeout=CONNECT_TIMEOUT_S)
+        sent = {"Accept": "application/json, text/event-stream", **(headers or {})}
+        if self.api_key:
+            sent["Authorization"] = f"Bearer {self.api_key}"
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            sent["Content-Type"] = "application/json"
+        try:
+            connection.connect()
+            if connection.sock is not None:
+                connection.sock.settimeout(timeout_s)
+            connection.request(method, self._prefix + path, body=data, headers=sent)
+            return connection.getresponse()
+        except (OSError, http.client.HTTPException) as error:
+            connection.close()
+            raise _unreachable(self.root, error) from None
+
+    def call(
+        self, method: str, path: str, body: dict[str, Any] | None = None, timeout_s: float = READ_TIMEOUT_S
+    ) -> _Response:
+        """A request whose whole answer is read."""
+        response = self.open(method, path, body, timeout_s=timeout_s)
+        try:
+            return _Response(response.status, response.reason, response.read(), path)
+        except (OSError, http.client.HTTPException) as error:
+            raise _unreachable(self.root, error) from None
+        finally:
+            response.close()
 
     def ask(self, ask: Ask) -> ServerGeneration:
         """Send the request; errors the server answers with (no such model, too long) are raised here."""
@@ -119,33 +175,32 @@ class ServerClient:
 
     def pull(self, model: str, on_status: Callable[[str], None]) -> bool:
         """Ask the server to pull ``model`` (llmrun's and Ollama's ``/api/pull``); False if it has no such API."""
+        response = self.open("POST", "/api/pull", {"model": model})
         try:
-            with self.http.stream("POST", f"{self.root}/api/pull", json={"model": model}) as response:
-                if response.status_code in (404, 405):
-                    return False
-                if response.status_code >= 400:
-                    response.read()
-                    raise _error(response, self.root, model)
-                last = ""
-                for line in response.iter_lines():
-                    record = _json_object(line)
-                    if "error" in record:
-                        raise LlmrunError(f"{self.root} could not pull {model}: {record['error']}")
-                    status = str(record.get("status", ""))
-                    if status and status != last and not status.startswith("pulling "):
-                        on_status(status)
-                    last = status
-        except httpx.TransportError as error:
+            if response.status in (404, 405):
+                return False
+            if response.status >= 400:
+                raise _error(_Response(response.status, response.reason, response.read(), "/api/pull"), self.root,
+                             model)  # fmt: skip
+            last = ""
+            for line in response:
+                record = _json_object(line.decode("utf-8", errors="replace"), self.root)
+                if "error" in record:
+                    raise LlmrunError(f"{self.root} could not pull {model}: {record['error']}")
+                status = str(record.get("status", ""))
+                if status and status != last and not status.startswith("pulling "):
+                    on_status(status)
+                last = status
+        except (OSError, http.client.HTTPException) as error:
             raise _unreachable(self.root, error) from None
+        finally:
+            response.close()
         return True
 
     def ensure_model(self, model: str, no_pull: bool, on_status: Callable[[str], None]) -> None:
         """Pull ``model`` on the server if it says it has no such model (and ``no_pull`` is false)."""
-        try:
-            response = self.http.get(f"{self.root}/v1/models/{model}", timeout=CONNECT_TIMEOUT_S)
-        except httpx.TransportError as error:
-            raise _unreachable(self.root, error) from None
-        if response.status_code != 404:
+        response = self.call("GET", f"/v1/models/{quote(model, safe='/:')}", timeout_s=CONNECT_TIMEOUT_S)
+        if response.status != 404:
             return  # there, or a server that cannot say: the first message will tell
         missing = _error(response, self.root, model)
         if not isinstance(missing, ModelNotFound):
@@ -156,9 +211,9 @@ class ServerClient:
     def context_length(self, model: str) -> int | None:
         """The context one request may use, where the server says (llmrun's ``/api/ps``); None when it does not."""
         try:
-            response = self.http.get(f"{self.root}/api/ps", timeout=CONNECT_TIMEOUT_S)
-            models = response.json().get("models", []) if response.status_code == 200 else []
-        except (httpx.HTTPError, ValueError, AttributeError):
+            response = self.call("GET", "/api/ps", timeout_s=CONNECT_TIMEOUT_S)
+            models = response.json().get("models", []) if response.status == 200 else []
+        except (LlmrunError, ValueError, AttributeError):
             return None
         for record in models:
             if isinstance(record, dict) and model in (record.get("name"), record.get("model")):
@@ -173,11 +228,10 @@ def find_local_server(host: tuple[str, int], api_key: str | None) -> str | None:
     if address in ("0.0.0.0", "::", ""):
         address = "127.0.0.1"
     url = f"http://{f'[{address}]' if ':' in address else address}:{port}"
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        response = httpx.get(f"{url}/health", timeout=PROBE_TIMEOUT_S, headers=headers, trust_env=False)
-        health = response.json() if response.status_code == 200 else {}
-    except (httpx.HTTPError, ValueError):
+        response = ServerClient(url, api_key).call("GET", "/health", timeout_s=PROBE_TIMEOUT_S)
+        health = response.json() if response.status == 200 else {}
+    except (LlmrunError, ValueError):
         return None
     return url if isinstance(health, dict) and health.get("server") == "llmrun" else None
 
@@ -199,31 +253,29 @@ class ServerGeneration:
         self._finish_reason = "cancelled"
         self._usage: dict[str, Any] = {}
         self._timings: dict[str, Any] = {}
-        request = client.http.build_request("POST", client.root + path, json=ask.body(), headers=headers)
-        try:
-            self._response = client.http.send(request, stream=True)
-        except httpx.TransportError as error:
-            raise _unreachable(client.root, error) from None
-        if self._response.status_code >= 400:
-            with contextlib.suppress(httpx.HTTPError):
-                self._response.read()
+        self._response = client.open("POST", path, ask.body(), headers)
+        if self._response.status >= 400:
+            try:
+                body = self._response.read()
+            except (OSError, http.client.HTTPException):
+                body = b""
             self._response.close()
-            raise _error(self._response, client.root, ask.model)
+            raise _error(_Response(self._response.status, self._response.reason, body, path), client.root, ask.model)
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
         try:
-            for line in self._response.iter_lines():
-                if not line.startswith("data:"):
+            for raw in self._response:
+                if not raw.startswith(b"data:"):
                     continue
-                data = line[len("data:") :].strip()
-                if data == "[DONE]":
+                data = raw[len(b"data:") :].strip()
+                if data == b"[DONE]":
                     break
-                yield from self._pieces(_json_object(data, self._root))
-        except httpx.TimeoutException:
+                yield from self._pieces(_json_object(data.decode("utf-8", errors="replace"), self._root))
+        except TimeoutError:
             raise ServerUnreachable(
                 f"{self._root} sent nothing for {READ_TIMEOUT_S:.0f} s", "is the server overloaded? try again"
             ) from None
-        except httpx.TransportError as error:
+        except (OSError, http.client.HTTPException) as error:
             raise ServerUnreachable(f"{self._root} closed the connection mid-answer ({error})", "try again") from None
         finally:
             self._ended = time.perf_counter()
@@ -299,19 +351,21 @@ def _json_object(text: str, root: str = "the server") -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _unreachable(root: str, error: httpx.TransportError) -> ServerUnreachable:
+def _unreachable(root: str, error: BaseException) -> ServerUnreachable:
     reason = str(error) or type(error).__name__
-    if isinstance(error, httpx.ConnectError) and "refused" in reason.lower():
+    if isinstance(error, ConnectionRefusedError):
         reason = "connection refused"
+    elif isinstance(error, TimeoutError | socket.timeout):
+        reason = "timed out"
     return ServerUnreachable(
         f"no server answers at {root} ({reason})", "start one with `llmrun serve`, or run without --server"
     )
 
 
-def _error(response: httpx.Response, root: str, model: str) -> LlmrunError:
+def _error(response: _Response, root: str, model: str) -> LlmrunError:
     """A server's error answer as llmrun's error of the same meaning (and exit code)."""
-    status = response.status_code
-    message, code = response.reason_phrase or "error", ""
+    status = response.status
+    message, code = response.reason or "error", ""
     try:
         payload = response.json()
     except ValueError:
@@ -329,7 +383,7 @@ def _error(response: httpx.Response, root: str, model: str) -> LlmrunError:
     if status == 404 and (code == "model_not_found" or "model" in lowered):
         return ModelNotFound(text if model in message else f"{root} has no model {model!r}: {message}")
     if status == 404:
-        return UsageError(f"{root} has no OpenAI API at {response.request.url.path} ({message})",
+        return UsageError(f"{root} has no OpenAI API at {response.path} ({message})",
                           "give the server's base URL, e.g. http://127.0.0.1:8080")  # fmt: skip
     if status == 400 and (code == "context_length_exceeded" or "context" in lowered):
         return PromptTooLong(text)

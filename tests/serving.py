@@ -21,12 +21,16 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, cli: Cli, *args: str, models: tuple[str, ...] = ("smollm2",)) -> None:
-        self.port = free_port()
+    def __init__(
+        self, cli: Cli, *args: str, models: tuple[str, ...] = ("smollm2",), port: int | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:  # fmt: skip
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
             [str(LLMRUN), "serve", *models, "--port", str(self.port), *args],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli.env(),
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=cli.env(**(env or {})),
         )  # fmt: skip
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while time.monotonic() < deadline:
@@ -42,9 +46,9 @@ class Server:
         raise AssertionError("serve did not become healthy")
 
     @classmethod
-    def bare(cls, cli: Cli, *args: str) -> Server:
+    def bare(cls, cli: Cli, *args: str, env: dict[str, str] | None = None) -> Server:
         """A server that loads no model at start."""
-        return cls(cli, *args, models=())
+        return cls(cli, *args, models=(), env=env)
 
     def openai(self, **kwargs: object) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key="none", max_retries=0, **kwargs)  # type: ignore[arg-type]

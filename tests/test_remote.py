@@ -142,8 +142,8 @@ def test_server_auto_uses_a_running_local_server_and_loads_here_without_one(stor
     here = store_cli("run", "smollm2", "Hi", "-n", "2", "--ctx", "256", "--server", "auto",
                      env={"LLMRUN_HOST": f"127.0.0.1:{port}"})  # fmt: skip
     assert here.returncode == 0, here.stderr
-    nobody = store_cli("run", "smollm2", "Hi", "-n", "2", "-v", env={"LLMRUN_SERVER": "auto",
-                                                                   "LLMRUN_HOST": f"127.0.0.1:{free_port()}"})  # fmt: skip
+    elsewhere = {"LLMRUN_SERVER": "auto", "LLMRUN_HOST": f"127.0.0.1:{free_port()}"}
+    nobody = store_cli("run", "smollm2", "Hi", "-n", "2", "-v", env=elsewhere)
     assert nobody.returncode == 0, nobody.stderr
     assert "sending the request" not in nobody.stderr and "loaded smollm2" in nobody.stderr
     assert requests_served(server) == before + 1

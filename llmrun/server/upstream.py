@@ -434,15 +434,27 @@ def _message(message: dict[str, Any]) -> dict[str, Any]:
     return converted
 
 
-async def _first(events: AsyncIterator[Event | None]) -> list[Event]:
+async def _first(events: AsyncIterator[Event]) -> list[Event]:
     """The first event (an upstream that hangs is cut off by the HTTP client's read timeout, as ``_Retry``)."""
     async for event in events:
-        if event is not None:
-            return [event]
+        return [event]
     return []
 
 
-async def _events(response: httpx.Response, upstream: Upstream, n: int, began: float) -> AsyncIterator[Event | None]:
+async def _sse_data(response: httpx.Response) -> AsyncIterator[bytes]:
+    """The ``data:`` fields of a server-sent event stream, as bytes (read raw: one decode less per token)."""
+    pending = b""
+    async for received in response.aiter_bytes():
+        pending += received
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            if line.startswith(b"data:"):
+                yield line[5:].strip()
+    if pending.startswith(b"data:"):
+        yield pending[5:].strip()
+
+
+async def _events(response: httpx.Response, upstream: Upstream, n: int, began: float) -> AsyncIterator[Event]:
     """An upstream's SSE stream as llmrun's events; before the first event a failure is ``_Retry``, after it an
     ``UpstreamError`` (the caller ends the answer with it)."""
     state = [_Answer() for _ in range(max(1, n))]
@@ -450,11 +462,8 @@ async def _events(response: httpx.Response, upstream: Upstream, n: int, began: f
     sent = False
     where = f"upstream {upstream.name}"
     try:
-        async for line in response.aiter_lines():
-            if not line.startswith("data:"):
-                continue
-            data = line[len("data:") :].strip()
-            if data == "[DONE]":
+        async for data in _sse_data(response):
+            if data == b"[DONE]":
                 break
             try:
                 chunk = json.loads(data)
@@ -468,7 +477,7 @@ async def _events(response: httpx.Response, upstream: Upstream, n: int, began: f
                 raise UpstreamError(f"{where}: {message}")
             if isinstance(chunk.get("usage"), dict):
                 usage = chunk["usage"]
-            for choice in chunk.get("choices") or []:
+            for choice in chunk.get("choices") or ():
                 if not isinstance(choice, dict):
                     continue
                 index = int(choice.get("index") or 0)
@@ -477,7 +486,6 @@ async def _events(response: httpx.Response, upstream: Upstream, n: int, began: f
                 for event in state[index].feed(index, choice):
                     sent = True
                     yield event
-            yield None  # a chunk without events still proves the stream alive
     except httpx.TimeoutException:
         timeout = UpstreamTimeout(f"{where} sent nothing within its read timeout", "see its log")
         if not sent:
@@ -608,7 +616,7 @@ class UpstreamStream:
 
     def __init__(
         self, request: InferenceRequest, pool: ModelPool, upstream: Upstream, replica: Replica,
-        response: httpx.Response, events: AsyncIterator[Event | None], first: list[Event], began: float,
+        response: httpx.Response, events: AsyncIterator[Event], first: list[Event], began: float,
     ) -> None:  # fmt: skip
         self.request = request
         self.model = UpstreamModel(request.model, upstream.name)
@@ -639,8 +647,6 @@ class UpstreamStream:
             if len(finished) < self.request.n:
                 try:
                     async for item in self._events:
-                        if item is None:
-                            continue
                         if isinstance(item, Finished):
                             finished.add(item.index)
                             self._finished(item)
