@@ -209,6 +209,7 @@ def run_benchmarks(
     repetitions: int,
     progress: ProgressCallback | None = None,
     speculation: SpeculationOptions | None = None,
+    rpc: tuple[str, ...] = (),
 ) -> Iterator[dict[str, Any]]:
     """Every test on every model; an engine is loaded per model and resource setting. ``speculation`` is
     used by the tests that speculate."""
@@ -216,7 +217,7 @@ def run_benchmarks(
     from llmrun.engine.native import supports_gpu_offload
     from llmrun.engine.speculation import SpeculationOptions
 
-    backend = "GPU" if supports_gpu_offload() else "CPU"
+    backend = "RPC" if rpc else "GPU" if supports_gpu_offload() else "CPU"
     for name, path in models:
         for test in tests:
             if progress:
@@ -233,6 +234,7 @@ def run_benchmarks(
                 cache_type_v=test.type_v,
                 flash_attn=test.flash_attn,
                 speculation=(speculation or SpeculationOptions()) if speculating else SpeculationOptions(),
+                rpc=rpc,
                 debug=bool(os.environ.get("LLMRUN_DEBUG")),
             )
             with Engine(path, options) as engine:

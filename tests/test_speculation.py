@@ -173,6 +173,7 @@ def test_stop_strings_and_max_tokens_end_where_plain_decoding_ends(plain: Engine
         assert (tokens, result.text, result.finish_reason) == (expected, plain_result.text, plain_result.finish_reason)
 
 
+@pytest.mark.slow  # 8 s; lookup's exactness is checked in the default run on shorter answers
 def test_speculation_fills_the_context_exactly_as_plain_decoding(smollm2: Path) -> None:
     """To the last cell of the context, with the q8_0 cache (see EXACT_KV)."""
     request = {"sampling": GREEDY, "ignore_eos": True}
@@ -202,6 +203,7 @@ def smollm2_q8(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.mark.slow  # 26 s for both; serve --draft (default run) answers with accepted guesses
 @pytest.mark.parametrize("draft", ["itself", "q8_0 copy"])
 def test_a_draft_model_gives_the_plain_answer(plain: Engine, smollm2: Path, smollm2_q8: Path, draft: str) -> None:
     speculation = SpeculationOptions(draft=smollm2 if draft == "itself" else smollm2_q8, draft_min=4)

@@ -276,6 +276,7 @@ def bench_command(
     ] = None,
     draft_max: options.DraftMax = DEFAULT_DRAFT_MAX,
     draft_min: options.DraftMin = 0,
+    rpc: options.Rpc = None,
     no_pull: options.NoPull = False,
 ) -> None:
     """Measure prompt (pp) and generation (tg) speed like llama-bench, or load-test a server (--server)."""
@@ -315,7 +316,8 @@ def bench_command(
         tests += copies
     resolved = [options.resolve(model, no_pull) for model in models]
     rows = _run_with_progress(lambda progress: list(
-        run_benchmarks([(r.name, r.path) for r in resolved], tests, repetitions, progress, speculation)
+        run_benchmarks([(r.name, r.path) for r in resolved], tests, repetitions, progress, speculation,
+                       options.rpc_endpoints(rpc))
     ))  # fmt: skip
     _emit(rows, output, previous)
     if plot is not None:

@@ -323,6 +323,7 @@ def chat_command(
     draft: options.Draft = None,
     draft_max: options.DraftMax = DEFAULT_DRAFT_MAX,
     draft_min: options.DraftMin = 0,
+    rpc: options.Rpc = None,
     server: options.Server = None,
     plain: Annotated[bool, typer.Option("--plain", help="Raw text instead of rendered Markdown.")] = False,
     continue_last: Annotated[
@@ -351,7 +352,8 @@ def chat_command(
             model = logged[0].exchange.model if logged else None
 
     cache_types = (cache_type_k, cache_type_v)
-    local_only = options.local_only_options(ctx, threads, gpu_layers, lookup, draft, cache_types)
+    workers = options.rpc_endpoints(rpc)
+    local_only = options.local_only_options(ctx, threads, gpu_layers, lookup, draft, cache_types, rpc)
 
     def reopen(reference: str) -> ChatModel:
         client = options.server_client(server, reference, local_only, verbose, log is not None)
@@ -360,7 +362,7 @@ def chat_command(
             return ServerChat(client, reference)
         resolved = options.resolve(reference, no_pull)
         speculation = options.speculation_options(lookup, draft, draft_max, draft_min, no_pull)
-        engine = options.open_engine(resolved, ctx, threads, gpu_layers, verbose, speculation, cache_types)
+        engine = options.open_engine(resolved, ctx, threads, gpu_layers, verbose, speculation, cache_types, workers)
         return EngineChat(engine, resolved.name)
 
     session = ChatSession(

@@ -67,6 +67,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("llmrun.cli.serve", "serve_command"),
     "ps": ("llmrun.cli.serve", "ps_command"),
     "stop": ("llmrun.cli.serve", "stop_command"),
+    "worker": ("llmrun.cli.worker", "worker_command"),
 }
 ALIASES = {"ls": "list"}
 

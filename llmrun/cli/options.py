@@ -88,6 +88,16 @@ CacheTypeK = Annotated[
 CacheTypeV = Annotated[
     str, typer.Option("--cache-type-v", "-ctv", help="KV cache type for values.", metavar="TYPE", callback=_cache_type)
 ]
+Rpc = Annotated[
+    str | None,
+    typer.Option(
+        "--rpc",
+        help="Put the model's layers on these llama.cpp RPC workers (`llmrun worker` on each machine), "
+        "comma-separated host:port; needs llama.cpp built with GGML_RPC=ON.",
+        show_default=False,
+        metavar="HOST:PORT,...",
+    ),
+]
 Server = Annotated[
     str | None,
     typer.Option(
@@ -133,6 +143,15 @@ def speculation_options(
     return SpeculationOptions(lookup=lookup, draft=draft_path, draft_max=draft_max, draft_min=draft_min)
 
 
+def rpc_endpoints(rpc: str | None) -> tuple[str, ...]:
+    """``--rpc host:port,...`` as endpoints (a malformed one is a usage error)."""
+    if not rpc:
+        return ()
+    from llmrun.engine.rpc import parse_endpoints
+
+    return parse_endpoints(rpc)
+
+
 def open_engine(
     resolved: ResolvedModel,
     ctx: int | None,
@@ -141,6 +160,7 @@ def open_engine(
     verbose: bool,
     speculation: SpeculationOptions | None = None,
     cache_types: tuple[str, str] = ("f16", "f16"),
+    rpc: tuple[str, ...] = (),
 ) -> Engine:
     """Load the model with the user's resource options (environment defaults otherwise)."""
     from llmrun.engine import Engine, LoadOptions
@@ -154,6 +174,7 @@ def open_engine(
         cache_type_k=cache_types[0],
         cache_type_v=cache_types[1],
         speculation=speculation or SpeculationOptions(),
+        rpc=rpc,
         debug=settings.debug,
     )
     engine = Engine(resolved.path, options)
@@ -162,6 +183,7 @@ def open_engine(
             f"loaded {resolved.name} ({engine.model.description}) from {resolved.path}; "
             f"{engine.context_choice.reason}; {engine.n_threads} threads; {engine.model.n_gpu_layers} GPU layers"
             + (f"; draft model {engine.drafter.model.path.name}" if engine.drafter is not None else "")
+            + (f"; layers on RPC workers {', '.join(rpc)}" if rpc else "")
         )
     return engine
 
@@ -216,10 +238,10 @@ def server_client(
 
 def local_only_options(
     ctx: int | None, threads: int | None, gpu_layers: str | None, lookup: bool, draft: str | None,
-    cache_types: tuple[str, str],
+    cache_types: tuple[str, str], rpc: str | None = None,
 ) -> list[str]:  # fmt: skip
     """The options given that only a model loaded here can honour."""
     given = {"--ctx": ctx is not None, "--threads": threads is not None, "--gpu-layers": gpu_layers is not None,
              "--lookup": lookup, "--draft": draft is not None, "--cache-type-k": cache_types[0] != "f16",
-             "--cache-type-v": cache_types[1] != "f16"}  # fmt: skip
+             "--cache-type-v": cache_types[1] != "f16", "--rpc": bool(rpc)}  # fmt: skip
     return [name for name, present in given.items() if present]

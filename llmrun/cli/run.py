@@ -208,6 +208,7 @@ def run_command(
     draft_min: options.DraftMin = 0,
     cache_type_k: options.CacheTypeK = "f16",
     cache_type_v: options.CacheTypeV = "f16",
+    rpc: options.Rpc = None,
     json_output: Annotated[
         bool, typer.Option("--json", help="Print one JSON object: text, token counts, timings.")
     ] = False,
@@ -248,7 +249,9 @@ def run_command(
         raise UsageError(f"--format {output_format!r} is not known", "use --format json, or --schema for a shape")
     json_schema = read_schema(schema) if schema is not None else None
     logging = not (no_log or get_settings().no_log)
-    local_only = options.local_only_options(ctx, threads, gpu_layers, lookup, draft, (cache_type_k, cache_type_v))
+    cache_types = (cache_type_k, cache_type_v)
+    workers = options.rpc_endpoints(rpc)
+    local_only = options.local_only_options(ctx, threads, gpu_layers, lookup, draft, cache_types, rpc)
     client = options.server_client(server, model, local_only, verbose, logging)
     if client is not None:
         from llmrun.client import Ask
@@ -272,9 +275,7 @@ def run_command(
     from llmrun.reasoning import reasoning_format
 
     speculation = options.speculation_options(lookup, draft, draft_max, draft_min, no_pull)
-    with options.open_engine(
-        resolved, ctx, threads, gpu_layers, verbose, speculation, (cache_type_k, cache_type_v)
-    ) as engine:
+    with options.open_engine(resolved, ctx, threads, gpu_layers, verbose, speculation, cache_types, workers) as engine:
         if verbose and not raw and not engine.model.chat_template:
             notice("the model has no chat template: sending the prompt as plain text")
         sampling = options.sampling_params(temperature, top_p, top_k, min_p, repeat_penalty, seed)

@@ -18,8 +18,10 @@ from llmrun.cli.options import (
     GpuLayers,
     Lookup,
     NoPull,
+    Rpc,
     Threads,
     resolve,
+    rpc_endpoints,
     speculation_options,
 )
 from llmrun.cli.output import notice, print_json, print_rows
@@ -113,6 +115,7 @@ def serve_command(
             metavar="FILE",
         ),
     ] = None,
+    rpc: Rpc = None,
     no_pull: NoPull = False,
 ) -> None:
     """Serve the OpenAI and Ollama APIs on 127.0.0.1:11435 until Ctrl-C."""
@@ -140,6 +143,7 @@ def serve_command(
             cache_type_k=cache_type_k,
             cache_type_v=cache_type_v,
             speculation=speculation,
+            rpc=rpc_endpoints(rpc),
             keep_alive_s=300.0 if keep_alive_s is None else keep_alive_s,
             max_loaded=max_loaded,
             queue=queue,

@@ -48,6 +48,7 @@ class LoadOptions:
     flash_attn: bool | None = None  # None: llama.cpp decides (auto)
     host_cache_mb: int = 0  # slots' KV caches kept in host memory when their slot is taken (see HostCache)
     speculation: SpeculationOptions = SpeculationOptions()
+    rpc: tuple[str, ...] = ()  # llama.cpp RPC workers (host:port) that take the model's layers
     debug: bool = False
 
 
@@ -113,6 +114,10 @@ class Engine:
             raise UsageError(
                 f"--threads {options.n_threads} must be at least 1", "leave it out to use every physical core"
             )
+        if options.rpc:
+            from llmrun.engine.rpc import add_workers
+
+            add_workers(options.rpc)
         self.model = Model(model_path, options.gpu_layers)
         self.context_choice: ContextChoice = choose_context_size(
             options.n_ctx,
