@@ -47,8 +47,8 @@ async def lone_ttfts(server: Server, count: int = LONE_REQUESTS) -> list[float]:
     ttfts = []
     async with httpx.AsyncClient(timeout=120) as client:
         for number in range(count):
-            body = {"model": server.model, "max_tokens": 1, "stream": True, "temperature": 0,
-                    "messages": [{"role": "user", "content": f"Say one word ({time.time_ns()}-{number})."}]}  # fmt: skip
+            question = {"role": "user", "content": f"Say one word ({time.time_ns()}-{number})."}
+            body = {"model": server.model, "max_tokens": 1, "stream": True, "temperature": 0, "messages": [question]}
             began = time.perf_counter()
             async with client.stream("POST", f"{server.url}/v1/chat/completions", json=body) as response:
                 response.raise_for_status()
