@@ -313,3 +313,29 @@ def test_serve_with_a_draft_model_and_one_it_cannot_draft_for(cli: Cli, smollm2:
     finally:
         assert server.stop() == 0
     assert "cannot draft for" in server.process.stderr.read()  # type: ignore[union-attr]
+
+
+def test_serve_config_sets_speculation_per_model(cli: Cli, smollm2: Path, tmp_path: Path) -> None:
+    """`[models.NAME]` in serve's config: one model speculates by lookup, another by a draft model, a third not."""
+    for name in ("smollm2", "drafted", "plain"):
+        assert cli("import", str(smollm2), "--name", name, "--link").returncode == 0
+    config = tmp_path / "serve.toml"
+    config.write_text('[models.smollm2]\nlookup = true\ndraft_min = 2\n\n[models.drafted]\ndraft = "smollm2"\n'
+                      'draft_min = 3\n', encoding="utf-8")  # fmt: skip
+    server = Server.bare(cli, "--config", str(config), "--ctx", "512", "--no-log")
+    try:
+        client = server.openai()
+
+        def details(model: str) -> Any:
+            response = client.chat.completions.create(model=model, messages=COPY, temperature=0, max_tokens=60)  # type: ignore[arg-type]
+            return response.usage.completion_tokens_details  # type: ignore[union-attr]
+
+        assert details("smollm2").accepted_prediction_tokens > 0
+        assert details("drafted").accepted_prediction_tokens > 0
+        assert details("plain") is None
+    finally:
+        server.stop()
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[models.smollm2]\nlookup = true\ndraft = "smollm2"\n', encoding="utf-8")
+    refused = cli("serve", "--config", str(bad))
+    assert refused.returncode == 2 and "two ways to guess tokens" in refused.stderr

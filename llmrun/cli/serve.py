@@ -120,12 +120,17 @@ def serve_command(
 ) -> None:
     """Serve the OpenAI and Ollama APIs on 127.0.0.1:11435 until Ctrl-C."""
     from llmrun.server.app import ServeOptions, serve
+    from llmrun.server.config import ServeConfig, load_config
     from llmrun.server.pool import PoolOptions, parse_keep_alive
-    from llmrun.server.upstream import load_config
 
     settings = get_settings()
     bind_host, bind_port = settings.host
-    upstreams = load_config(config) if config is not None else ()
+    serve_config = load_config(config) if config is not None else ServeConfig()
+    # [models.NAME] speculation, keyed by the store's name of the model (the name the pool loads it under)
+    per_model = {
+        _store_name(name): speculation_options(model.lookup, model.draft, model.draft_max, model.draft_min, no_pull)
+        for name, model in serve_config.models.items()
+    }
     keep_alive_s = parse_keep_alive(keep_alive)
     resolved = [resolve(model, no_pull).name for model in models or []]
     speculation = speculation_options(lookup, draft, draft_max, draft_min, no_pull)
@@ -143,6 +148,7 @@ def serve_command(
             cache_type_k=cache_type_k,
             cache_type_v=cache_type_v,
             speculation=speculation,
+            model_speculation=per_model,
             rpc=rpc_endpoints(rpc),
             keep_alive_s=300.0 if keep_alive_s is None else keep_alive_s,
             max_loaded=max_loaded,
@@ -152,7 +158,7 @@ def serve_command(
         api_key=api_key or settings.api_key,
         cors_origins=tuple(cors or ()),
         log_exchanges=not (no_log or settings.no_log),
-        upstreams=upstreams,
+        upstreams=serve_config.upstreams,
     )
     url = f"http://{_url_host(options.host)}:{options.port}"
     if options.host not in ("127.0.0.1", "localhost", "::1") and not options.api_key:
@@ -162,6 +168,18 @@ def serve_command(
         notice(f"llmrun serving on {url}  (OpenAI: {url}/v1, Ollama: {url})  Ctrl-C to stop")
 
     serve(options, ready)
+
+
+def _store_name(name: str) -> str:
+    """A model's name in the store (``NAME:latest`` and aliases resolved), or the name as given if it is not there."""
+    from llmrun.errors import ModelNotFound
+    from llmrun.store.models import resolve_model
+    from llmrun.store.store import Store
+
+    try:
+        return resolve_model(Store(get_settings().home), name.removesuffix(":latest")).name
+    except (ModelNotFound, UsageError):
+        return name
 
 
 def _url_host(host: str) -> str:

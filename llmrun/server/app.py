@@ -18,9 +18,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llmrun import __version__
 from llmrun.server import errors
+from llmrun.server.config import UpstreamConfig
 from llmrun.server.metrics import Metrics
 from llmrun.server.pool import ModelPool, PoolOptions
-from llmrun.server.upstream import UpstreamConfig
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 11435  # beside Ollama's 11434, not on it

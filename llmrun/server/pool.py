@@ -61,6 +61,7 @@ class PoolOptions:
     cache_type_v: str = "f16"
     # Speculative decoding; a draft model serves the models that share its vocabulary. None: off.
     speculation: SpeculationOptions | None = None
+    model_speculation: dict[str, SpeculationOptions] = field(default_factory=dict)  # serve --config [models.NAME]
     rpc: tuple[str, ...] = ()  # llama.cpp RPC workers that take the models' layers
     debug: bool = False
 
@@ -329,7 +330,7 @@ def _load_engine(name: str, path: Path, options: PoolOptions) -> tuple[Engine, E
         host_cache_mb=options.cache_ram_mb,
         cache_type_k=options.cache_type_k,
         cache_type_v=options.cache_type_v,
-        speculation=options.speculation or SpeculationOptions(),
+        speculation=options.model_speculation.get(name) or options.speculation or SpeculationOptions(),
         rpc=options.rpc,
         debug=options.debug,
     )

@@ -15,17 +15,16 @@ import asyncio
 import contextlib
 import json
 import os
-import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from llmrun.errors import LlmrunError, ModelNotFound, PromptTooLong, UpstreamError, UpstreamTimeout, UsageError
 from llmrun.generation import TokenLogprob
+from llmrun.server.config import UpstreamConfig
 from llmrun.server.inference import (
     Event,
     Finished,
@@ -40,89 +39,13 @@ from llmrun.tools import ToolCall
 if TYPE_CHECKING:
     from llmrun.server.pool import ModelPool
 
-DEFAULT_CONNECT_TIMEOUT_S = 5.0
-DEFAULT_READ_TIMEOUT_S = 300.0  # the longest wait for a response, or between two of its chunks
-DEFAULT_HEALTH_INTERVAL_S = 10.0
 HEALTH_TIMEOUT_S = 5.0
-UPSTREAM_KEYS = {"urls", "url", "api_key_env", "models", "connect_timeout_s", "read_timeout_s", "health_interval_s"}
 # Sampling fields sent on as the OpenAI API (and llama.cpp's and vLLM's servers) name them.
 SAMPLING_FIELDS = {
     "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
     "repeat_penalty": "repeat_penalty", "presence_penalty": "presence_penalty",
     "frequency_penalty": "frequency_penalty", "seed": "seed",
 }  # fmt: skip
-
-
-@dataclass(frozen=True)
-class UpstreamConfig:
-    """One ``[upstreams.NAME]`` table of the config file."""
-
-    name: str
-    urls: tuple[str, ...]
-    models: tuple[str, ...] = ()  # empty: those its /v1/models lists
-    api_key_env: str | None = None
-    connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
-    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
-    health_interval_s: float = DEFAULT_HEALTH_INTERVAL_S
-
-
-def load_config(path: Path) -> tuple[UpstreamConfig, ...]:
-    """The upstreams of a ``serve --config`` file; a mistake is one line naming the file and what to fix."""
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover - exercised on Python 3.10 only
-        import tomli as tomllib
-
-    where = str(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as error:
-        raise UsageError(f"cannot read the config {where}: {error.strerror}", "give an existing TOML file") from None
-    except tomllib.TOMLDecodeError as error:
-        raise UsageError(f"{where} is not valid TOML: {error}", "fix its syntax") from None
-    unknown = set(data) - {"upstreams"}
-    if unknown:
-        raise UsageError(f"{where}: unknown table {sorted(unknown)[0]!r}", "the config holds [upstreams.NAME] tables")
-    tables = data.get("upstreams", {})
-    if not isinstance(tables, dict):
-        raise UsageError(f"{where}: upstreams must be tables", "write [upstreams.NAME] with urls = [...]")
-    upstreams = []
-    for name, table in tables.items():
-        upstreams.append(_upstream(where, name, table))
-    return tuple(upstreams)
-
-
-def _upstream(where: str, name: str, table: Any) -> UpstreamConfig:
-    at = f"{where}: [upstreams.{name}]"
-    if not isinstance(table, dict):
-        raise UsageError(f"{at} is not a table", 'write urls = ["http://host:port"] under it')
-    unknown = set(table) - UPSTREAM_KEYS
-    if unknown:
-        raise UsageError(
-            f"{at} has an unknown key {sorted(unknown)[0]!r}", f"known keys: {', '.join(sorted(UPSTREAM_KEYS))}"
-        )
-    urls = table.get("urls", [table["url"]] if "url" in table else [])
-    if isinstance(urls, str):
-        urls = [urls]
-    if not urls or not all(isinstance(url, str) and url.startswith(("http://", "https://")) for url in urls):
-        raise UsageError(f"{at} needs urls, a list of http(s) URLs", 'e.g. urls = ["http://10.0.0.5:8000"]')
-    models = table.get("models", [])
-    if not isinstance(models, list) or not all(isinstance(model, str) and model.strip() for model in models):
-        raise UsageError(f"{at}: models must be a list of names", 'e.g. models = ["qwen2.5-72b"]')
-    key_env = table.get("api_key_env")
-    if key_env is not None and (not isinstance(key_env, str) or not key_env.strip()):
-        raise UsageError(f"{at}: api_key_env must name an environment variable", 'e.g. api_key_env = "GPU_BOX_KEY"')
-    times = {}
-    for key, default in (("connect_timeout_s", DEFAULT_CONNECT_TIMEOUT_S), ("read_timeout_s", DEFAULT_READ_TIMEOUT_S),
-                         ("health_interval_s", DEFAULT_HEALTH_INTERVAL_S)):  # fmt: skip
-        value = table.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-            raise UsageError(f"{at}: {key} must be a number of seconds above 0", f"e.g. {key} = {default:g}")
-        times[key] = float(value)
-    return UpstreamConfig(
-        name=name, urls=tuple(url.rstrip("/").removesuffix("/v1") for url in urls),
-        models=tuple(model.strip() for model in models), api_key_env=key_env, **times,
-    )  # fmt: skip
 
 
 @dataclass(eq=False)
