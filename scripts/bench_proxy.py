@@ -45,7 +45,7 @@ LONE_REQUESTS = 20
 async def lone_ttfts(server: Server, count: int = LONE_REQUESTS) -> list[float]:
     """Time to the first token of requests sent one at a time, each with a prompt of its own."""
     ttfts = []
-    async with httpx.AsyncClient(timeout=120) as client:
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(keepalive_expiry=1)) as client:
         for number in range(count):
             question = {"role": "user", "content": f"Say one word ({time.time_ns()}-{number})."}
             body = {"model": server.model, "max_tokens": 1, "stream": True, "temperature": 0, "messages": [question]}

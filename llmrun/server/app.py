@@ -25,6 +25,7 @@ from llmrun.server.pool import ModelPool, PoolOptions
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 11435  # beside Ollama's 11434, not on it
 DEFAULT_GRACE_S = 10.0
+KEEP_ALIVE_S = 75  # idle HTTP connections are kept this long
 OPEN_PATHS = frozenset({"/health"})
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
@@ -199,6 +200,9 @@ def serve(options: ServeOptions, on_ready: Callable[[], None] | None = None) -> 
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=int(options.grace_s) + 1,
+        # Longer than clients keep idle connections (httpx and the SDKs built on it: 5 s), so a client never sends
+        # a request on a connection the server is closing at that moment (a "server disconnected" error).
+        timeout_keep_alive=KEEP_ALIVE_S,
         lifespan="on",
     )
     server = _Server(config, app, options.grace_s)

@@ -40,6 +40,8 @@ if TYPE_CHECKING:
     from llmrun.server.pool import ModelPool
 
 HEALTH_TIMEOUT_S = 5.0
+KEEP_ALIVE_S = 2.0
+STALE_RETRIES = 1  # a request sent again to the same replica when its pooled connection turned out closed
 # Sampling fields sent on as the OpenAI API (and llama.cpp's and vLLM's servers) name them.
 SAMPLING_FIELDS = {
     "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
@@ -102,6 +104,7 @@ class Upstream:
         path, body = request_body(request)
         tried: set[Replica] = set()
         last: LlmrunError | None = None
+        stale = STALE_RETRIES
         while (replica := self.pick(tried)) is not None:
             tried.add(replica)
             replica.in_flight += 1
@@ -114,6 +117,10 @@ class Upstream:
                 first = await _first(events)
             except _Retry as retry:
                 replica.in_flight -= 1
+                if retry.stale and stale:  # a pooled connection the replica had closed: not the replica's fault
+                    stale -= 1
+                    tried.discard(replica)
+                    continue
                 replica.failures += 1
                 replica.healthy, replica.last_error = False, retry.error.message
                 last = retry.error
@@ -129,6 +136,7 @@ class Upstream:
     async def _post(self, path: str, body: dict[str, Any], stream: bool) -> httpx.Response:
         tried: set[Replica] = set()
         last: LlmrunError | None = None
+        stale = STALE_RETRIES
         while (replica := self.pick(tried)) is not None:
             tried.add(replica)
             replica.in_flight += 1
@@ -137,6 +145,10 @@ class Upstream:
                 await response.aread()
                 return response
             except _Retry as retry:
+                if retry.stale and stale:
+                    stale -= 1
+                    tried.discard(replica)
+                    continue
                 replica.healthy, replica.last_error = False, retry.error.message
                 last = retry.error
             finally:
@@ -155,8 +167,8 @@ class Upstream:
         except httpx.TimeoutException:
             raise _Retry(UpstreamTimeout(f"{where} did not answer within its timeout", "see its log")) from None
         except httpx.TransportError as error:
-            raise _Retry(UpstreamError(f"{where} cannot be reached: {error or type(error).__name__}",
-                                       "is it running?")) from None  # fmt: skip
+            failure = UpstreamError(f"{where} cannot be reached: {error or type(error).__name__}", "is it running?")
+            raise _Retry(failure, stale=isinstance(error, httpx.RemoteProtocolError)) from None
         if response.status_code < 400:
             return response
         try:
@@ -184,7 +196,10 @@ class Upstreams:
 
     def __init__(self, configs: tuple[UpstreamConfig, ...]) -> None:
         self.http = httpx.AsyncClient(
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256), trust_env=False
+            # Idle connections are dropped well before servers close theirs (llama-server and uvicorn: 5 s), so a
+            # request is never sent on one the upstream is closing.
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=KEEP_ALIVE_S),
+            trust_env=False,
         )
         self.upstreams: list[Upstream] = []
         for config in configs:
@@ -249,11 +264,13 @@ class Upstreams:
 
 
 class _Retry(Exception):
-    """A replica failed before anything reached the client: try the next one."""
+    """A replica failed before anything reached the client: try the next one (or, for a connection the replica
+    closed between two requests, ``stale``, the same one again)."""
 
-    def __init__(self, error: LlmrunError) -> None:
+    def __init__(self, error: LlmrunError, stale: bool = False) -> None:
         super().__init__(error.message)
         self.error = error
+        self.stale = stale
 
 
 class UpstreamRefused(LlmrunError):
