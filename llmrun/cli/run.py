@@ -112,6 +112,7 @@ class _Source:
     model_name: str
     context_size: int | None
     speculation: str | None = None  # lookup, draft, or server (guesses a server reports); None: off
+    on_server: bool = False
 
 
 def _report(result: GenerationResult, answer: _Answer, source: _Source, verbose: bool, json_output: bool) -> None:
@@ -138,7 +139,8 @@ def _report(result: GenerationResult, answer: _Answer, source: _Source, verbose:
         )
     if result.context_full:
         size = f" of {source.context_size} tokens" if source.context_size else ""
-        notice(f"stopped: the context{size} is full (raise it with --ctx)")
+        option = "the server's --ctx" if source.on_server else "--ctx"
+        notice(f"stopped: the context{size} is full (raise it with {option})")
     if verbose:
         notice(
             f"prompt {result.prompt_tokens} tokens in {result.time_to_first_token_s:.3f} s "
@@ -334,12 +336,13 @@ def _run_on_server(
             raise
         generation = client.ask(ask)
     answer = _Answer(None, False, show_thinking)
-    interruption = _stream(((kind, text) for kind, text in generation), answer, json_output)
+    interruption = _stream(generation, answer, json_output)
     result = replace(generation.result, text="".join(answer.text))
     source = _Source(
         generation.model_name,
         client.context_length(generation.model_name) if json_output or result.context_full else None,
         "server" if result.drafted_tokens else None,
+        on_server=True,
     )
     _report(result, answer, source, verbose, json_output)
     if logging:

@@ -51,7 +51,7 @@ class InferenceRequest:
     think: bool | None = None  # a reasoning model thinks first (its template's enable_thinking); None: its default
     effort: str | None = None  # low, medium, high: how hard it thinks, where its template takes a reasoning_effort
     route: str = ""  # for metrics and the log
-    log: bool = True  # False: the client logs this exchange in the server's own log (see client.LOG_HEADER)
+    log: bool = True  # False: the client logs this exchange itself, in this same log (see client.LOG_HEADER)
 
 
 @dataclass(frozen=True)
