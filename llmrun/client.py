@@ -79,13 +79,8 @@ class Ask:
             body["prompt"] = "\n\n".join(str(message["content"]) for message in self.messages)
             return body
         body["messages"] = self.messages
-        if self.json_schema is not None:
-            body["response_format"] = {
-                "type": "json_schema",
-                "json_schema": {"name": "answer", "schema": self.json_schema},
-            }
-        elif self.json_any:
-            body["response_format"] = {"type": "json_object"}
+        if (wanted := response_format(self.json_schema, self.json_any)) is not None:
+            body["response_format"] = wanted
         if self.think is not None:
             body["chat_template_kwargs"] = {"enable_thinking": self.think}
         return body
@@ -362,12 +357,12 @@ def _unreachable(root: str, error: BaseException) -> ServerUnreachable:
     )
 
 
-def _error(response: _Response, root: str, model: str) -> LlmrunError:
-    """A server's error answer as llmrun's error of the same meaning (and exit code)."""
-    status = response.status
-    message, code = response.reason or "error", ""
+def error_detail(body: bytes, reason: str) -> tuple[str, str]:
+    """An error answer's message and code, in whichever shape a server sends it (OpenAI's ``{"error": {...}}``,
+    Ollama's ``{"error": "..."}``, FastAPI's ``{"detail": ...}``, or plain text)."""
+    message, code = reason or "error", ""
     try:
-        payload = response.json()
+        payload = json.loads(body)
     except ValueError:
         payload = None
     if isinstance(payload, dict):
@@ -376,8 +371,22 @@ def _error(response: _Response, root: str, model: str) -> LlmrunError:
             message, code = str(error.get("message") or message), str(error.get("code") or error.get("type") or "")
         elif error:
             message = str(error)
-    elif response.text.strip():
-        message = response.text.strip().splitlines()[0][:200]
+    elif body.strip():
+        message = body.decode("utf-8", errors="replace").strip().splitlines()[0][:200]
+    return message, code
+
+
+def response_format(json_schema: dict[str, Any] | None, json_any: bool) -> dict[str, Any] | None:
+    """OpenAI's ``response_format`` for an answer held to a JSON schema, or to any JSON object."""
+    if json_schema is not None:
+        return {"type": "json_schema", "json_schema": {"name": "answer", "schema": json_schema}}
+    return {"type": "json_object"} if json_any else None
+
+
+def _error(response: _Response, root: str, model: str) -> LlmrunError:
+    """A server's error answer as llmrun's error of the same meaning (and exit code)."""
+    status = response.status
+    message, code = error_detail(response.body, response.reason)
     text = f"{root}: {message}"
     lowered = message.lower()
     if status == 404 and (code == "model_not_found" or "model" in lowered):

@@ -368,8 +368,13 @@ def test_an_upstream_key_comes_from_the_environment(store_cli: Cli, tmp_path: Pa
     })  # fmt: skip
     proxy_home = Cli(tmp_path / "proxy-home")
     front = Server.bare(proxy_home, "--config", str(config), "--no-log", env={"LLMRUN_TEST_UPSTREAM_KEY": "sesame"})
+    wrong = Server.bare(proxy_home, "--config", str(config), "--no-log", env={"LLMRUN_TEST_UPSTREAM_KEY": "wrong"})
     try:
         assert chat(front.openai(), "smollm2", 2)
+        with pytest.raises(openai.InternalServerError) as refused:  # the upstream refused llmrun, not the client
+            chat(wrong.openai(), "smollm2", 2)
+        assert refused.value.status_code == 502 and "refused llmrun's key" in str(refused.value)
     finally:
         front.stop()
+        wrong.stop()
         guarded.stop()

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from llmrun.client import error_detail, response_format
 from llmrun.errors import LlmrunError, ModelNotFound, PromptTooLong, UpstreamError, UpstreamTimeout, UsageError
 from llmrun.generation import TokenLogprob
 from llmrun.server.config import UpstreamConfig
@@ -282,24 +283,13 @@ class UpstreamRefused(LlmrunError):
 
 
 def _refusal(response: httpx.Response, where: str, model: str) -> LlmrunError:
-    message = response.reason_phrase or "error"
-    code = ""
-    try:
-        payload = response.json()
-    except ValueError:
-        payload = None
-    if isinstance(payload, dict):
-        error = payload.get("error", payload.get("detail", payload.get("message")))
-        if isinstance(error, dict):
-            message, code = str(error.get("message") or message), str(error.get("code") or "")
-        elif error:
-            message = str(error)
-    elif response.text.strip():
-        message = response.text.strip().splitlines()[0][:200]
+    message, code = error_detail(response.content, response.reason_phrase)
     text = f"{where}: {message}"
     status = response.status_code
     if status >= 500:
         return UpstreamError(f"{where} answered {status}: {message}", "see its log")
+    if status in (401, 403):  # the upstream refused llmrun's key, not the client's: a server-side problem (502)
+        return UpstreamError(f"{where} refused llmrun's key ({status}: {message})", "set api_key_env in the config")
     if status == 404 and (code == "model_not_found" or "model" in message.lower()):
         return ModelNotFound(text, f"check the models of upstream {where.split()[1]} in the config")
     if status == 400 and (code == "context_length_exceeded" or "context" in message.lower()):
@@ -337,13 +327,8 @@ def request_body(request: InferenceRequest) -> tuple[str, dict[str, Any]]:
     if request.logprobs is not None:
         body["logprobs"] = True
         body["top_logprobs"] = request.logprobs
-    if request.json_schema is not None:
-        body["response_format"] = {
-            "type": "json_schema",
-            "json_schema": {"name": "answer", "schema": request.json_schema},
-        }
-    elif request.json_any:
-        body["response_format"] = {"type": "json_object"}
+    if (wanted := response_format(request.json_schema, request.json_any)) is not None:
+        body["response_format"] = wanted
     if request.tools:
         body["tools"] = [
             {"type": "function",
