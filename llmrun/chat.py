@@ -242,20 +242,22 @@ class EngineChat:
     def __init__(self, engine: Engine, name: str) -> None:
         self.engine = engine
         self.name = name
-        self._rendered: tuple[str, list[int]] = ("", [])  # the last conversation counted, and its tokens
+        self._rendered: tuple[str, str, list[int]] = ("", "", [])  # the last conversation rendered: its text, tokens
 
     @property
     def capacity(self) -> int | None:
         return int(self.engine.seq_capacity)
 
-    def _tokens(self, messages: list[dict[str, str]]) -> list[int]:
+    def _render(self, messages: list[dict[str, str]]) -> tuple[str, list[int]]:
+        """The conversation as the template renders it, and its tokens (fitting it and answering it render once)."""
         key = json.dumps(messages)
         if self._rendered[0] != key:
-            self._rendered = (key, self.engine.chat_prompt(messages))
-        return self._rendered[1]
+            chat = self.engine.chat_text(messages)
+            self._rendered = (key, chat.text, self.engine.chat_tokens(chat))
+        return self._rendered[1], self._rendered[2]
 
     def count_tokens(self, messages: list[dict[str, str]]) -> int | None:
-        return len(self._tokens(messages))
+        return len(self._render(messages)[1])
 
     def reply(
         self, messages: list[dict[str, str]], sampling: SamplingParams, max_tokens: int | None, stop: tuple[str, ...]
@@ -263,10 +265,11 @@ class EngineChat:
         from llmrun.engine import GenerationRequest
         from llmrun.reasoning import reasoning_format
 
-        request = GenerationRequest(tuple(self._tokens(messages)), sampling, max_tokens, stop)
+        text, tokens = self._render(messages)
+        request = GenerationRequest(tuple(tokens), sampling, max_tokens, stop)
         fmt = reasoning_format(self.engine.model.chat_template)
-        inside = fmt is not None and fmt.opened_in_prompt(self.engine.chat_text(messages).text)
-        return _EngineReply(self.engine.generate(request), fmt.splitter(inside) if fmt is not None else None)
+        splitter = fmt.splitter(fmt.opened_in_prompt(text)) if fmt is not None else None
+        return _EngineReply(self.engine.generate(request), splitter)
 
     def close(self) -> None:
         self.engine.close()
@@ -308,9 +311,7 @@ class ServerChat:
     ) -> Reply:
         from llmrun.client import Ask
 
-        generation = self.client.ask(Ask(self.name, messages, sampling, max_tokens, stop))
-        self.name = generation.model_name
-        return generation
+        return self.client.ask(Ask(self.name, messages, sampling, max_tokens, stop))
 
     def close(self) -> None:
-        self.client.close()
+        """Nothing to release: each request has a connection of its own."""

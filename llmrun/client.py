@@ -98,10 +98,6 @@ class _Response:
     def json(self) -> Any:
         return json.loads(self.body)
 
-    @property
-    def text(self) -> str:
-        return self.body.decode("utf-8", errors="replace")
-
 
 class ServerClient:
     """One server's address and key; ``ask`` starts a streamed answer."""
@@ -116,21 +112,12 @@ class ServerClient:
         self.api_key = api_key
         self.log_id = log_id
 
-    def close(self) -> None:
-        """Nothing held between requests (each opens its own connection: a CLI sends a handful)."""
-
-    def __enter__(self) -> ServerClient:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
     def open(
         self, method: str, path: str, body: dict[str, Any] | None = None, headers: dict[str, str] | None = None,
         timeout_s: float = READ_TIMEOUT_S,
     ) -> http.client.HTTPResponse:  # fmt: skip
         """Send a request and return the response with its body unread; a server that cannot be reached raises
-        ServerUnreachable."""
+        ServerUnreachable. Each request has a connection of its own: a command sends a handful."""
         kind = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
         connection = kind(self._host, self._port, timeout=CONNECT_TIMEOUT_S)
         sent = {"Accept": "application/json, text/event-stream", **(headers or {})}
@@ -175,8 +162,7 @@ class ServerClient:
             if response.status in (404, 405):
                 return False
             if response.status >= 400:
-                raise _error(_Response(response.status, response.reason, response.read(), "/api/pull"), self.root,
-                             model)  # fmt: skip
+                raise _error(_whole(response, "/api/pull"), self.root, model)
             last = ""
             for line in response:
                 record = _json_object(line.decode("utf-8", errors="replace"), self.root)
@@ -250,12 +236,7 @@ class ServerGeneration:
         self._timings: dict[str, Any] = {}
         self._response = client.open("POST", path, ask.body(), headers)
         if self._response.status >= 400:
-            try:
-                body = self._response.read()
-            except (OSError, http.client.HTTPException):
-                body = b""
-            self._response.close()
-            raise _error(_Response(self._response.status, self._response.reason, body, path), client.root, ask.model)
+            raise _error(_whole(self._response, path), client.root, ask.model)
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
         try:
@@ -277,10 +258,8 @@ class ServerGeneration:
             self._response.close()
 
     def _pieces(self, chunk: dict[str, Any]) -> Iterator[tuple[str, str]]:
-        if "error" in chunk:  # the server failed after its status line: it says so in the stream
-            error = chunk["error"]
-            message = error.get("message") if isinstance(error, dict) else error
-            raise LlmrunError(f"{self._root}: {message}")
+        if (failure := stream_error(chunk)) is not None:
+            raise LlmrunError(f"{self._root}: {failure}")
         self.model_name = str(chunk.get("model") or self.model_name)
         if isinstance(chunk.get("usage"), dict):
             self._usage = chunk["usage"]
@@ -289,14 +268,11 @@ class ServerGeneration:
         for choice in chunk.get("choices") or []:
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 continue
-            delta = choice.get("delta") if "delta" in choice else {"content": choice.get("text")}
-            delta = delta if isinstance(delta, dict) else {}
-            thinking = delta.get("reasoning_content") or delta.get("reasoning")
-            if isinstance(thinking, str) and thinking:
+            _, thinking, content = choice_delta(choice)
+            if thinking:
                 self._arrived()
                 yield REASONING, thinking
-            content = delta.get("content")
-            if isinstance(content, str) and content:
+            if content:
                 self._arrived()
                 self._text.append(content)
                 yield CONTENT, content
@@ -338,6 +314,35 @@ class ServerGeneration:
         )
 
 
+def stream_error(chunk: dict[str, Any]) -> str | None:
+    """The message of an error a server reports inside its stream (its status line was sent already), if any."""
+    if "error" not in chunk:
+        return None
+    error = chunk["error"]
+    return str(error.get("message") if isinstance(error, dict) else error)
+
+
+def choice_delta(choice: dict[str, Any]) -> tuple[dict[str, Any], str, str]:
+    """A streamed choice's delta (a completion's ``text`` as its content), with its thinking and its content text:
+    ``reasoning_content`` as llmrun, llama-server and DeepSeek name thinking, or ``reasoning`` as vLLM does."""
+    given = choice.get("delta") if "delta" in choice else {"content": choice.get("text")}
+    delta: dict[str, Any] = given if isinstance(given, dict) else {}
+    thinking = delta.get("reasoning_content") or delta.get("reasoning")
+    content = delta.get("content")
+    return delta, thinking if isinstance(thinking, str) else "", content if isinstance(content, str) else ""
+
+
+def _whole(response: http.client.HTTPResponse, path: str) -> _Response:
+    """An error answer read whole (what of it arrives) and closed."""
+    try:
+        body = response.read()
+    except (OSError, http.client.HTTPException):
+        body = b""
+    finally:
+        response.close()
+    return _Response(response.status, response.reason, body, path)
+
+
 def _json_object(text: str, root: str = "the server") -> dict[str, Any]:
     try:
         value = json.loads(text)
@@ -376,6 +381,16 @@ def error_detail(body: bytes, reason: str) -> tuple[str, str]:
     return message, code
 
 
+def refusal_kind(status: int, message: str, code: str) -> type[LlmrunError] | None:
+    """ModelNotFound or PromptTooLong where a server's 4xx means one (by OpenAI's code, or its message's words)."""
+    lowered = message.lower()
+    if status == 404 and (code == "model_not_found" or "model" in lowered):
+        return ModelNotFound
+    if status == 400 and (code == "context_length_exceeded" or "context" in lowered):
+        return PromptTooLong
+    return None
+
+
 def response_format(json_schema: dict[str, Any] | None, json_any: bool) -> dict[str, Any] | None:
     """OpenAI's ``response_format`` for an answer held to a JSON schema, or to any JSON object."""
     if json_schema is not None:
@@ -388,13 +403,13 @@ def _error(response: _Response, root: str, model: str) -> LlmrunError:
     status = response.status
     message, code = error_detail(response.body, response.reason)
     text = f"{root}: {message}"
-    lowered = message.lower()
-    if status == 404 and (code == "model_not_found" or "model" in lowered):
+    kind = refusal_kind(status, message, code)
+    if kind is ModelNotFound:
         return ModelNotFound(text if model in message else f"{root} has no model {model!r}: {message}")
     if status == 404:
         return UsageError(f"{root} has no OpenAI API at {response.path} ({message})",
                           "give the server's base URL, e.g. http://127.0.0.1:8080")  # fmt: skip
-    if status == 400 and (code == "context_length_exceeded" or "context" in lowered):
+    if kind is PromptTooLong:
         return PromptTooLong(text)
     if status in (401, 403):
         return UsageError(f"{root} refused the request ({status}: {message})", "set LLMRUN_API_KEY to its key")

@@ -36,13 +36,14 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar(
         "LLMRUN_AMX",
         "0",
-        "1 lets llama.cpp use AMX on CPUs that have it (off: GCC 12 builds of its AMX kernels crash).",
+        "1 lets llama.cpp use AMX on CPUs that have it (off by default: its AMX kernels crashed here).",
     ),
     EnvVar("LLMRUN_DEBUG", "0", "1 shows tracebacks and llama.cpp's own log lines."),
     EnvVar("NO_COLOR", "", "Any value turns colour off."),
 )
 
 APP_NAME = "llmrun"
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})  # binding elsewhere lets other machines in
 DEFAULT_MODEL = "smollm2"
 # KV cache may take at most this share of available memory when the context is
 # sized automatically; the rest is for the weights, compute buffers and the OS.

@@ -20,6 +20,23 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def wait_until_healthy(url: str, process: subprocess.Popen[str], what: str) -> None:
+    """Until ``url``'s /health answers 200; an AssertionError (the process killed) if it exits or takes too long."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"{what} exited: {process.stderr.read() if process.stderr else ''}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    process.kill()
+    process.wait()
+    raise AssertionError(f"{what} did not become healthy")
+
+
 class Server:
     def __init__(
         self, cli: Cli, *args: str, models: tuple[str, ...] = ("smollm2",), port: int | None = None,
@@ -32,18 +49,7 @@ class Server:
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env=cli.env(**(env or {})),
         )  # fmt: skip
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"serve exited: {self.process.stderr.read()}")  # type: ignore[union-attr]
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise AssertionError("serve did not become healthy")
+        wait_until_healthy(self.url, self.process, "serve")
 
     @classmethod
     def bare(cls, cli: Cli, *args: str, env: dict[str, str] | None = None) -> Server:

@@ -22,7 +22,7 @@ import ollama
 import openai
 import pytest
 from conftest import ROOT, Cli
-from serving import Server, free_port
+from serving import Server, free_port, wait_until_healthy
 from test_cli_store import assert_one_line_error
 
 QUESTION = "What is the capital of France?"
@@ -45,19 +45,10 @@ class NativeServer:
         self.process = subprocess.Popen(
             [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(self.port), "--alias", alias,
              "-np", "4", "-c", "4096", "-t", "2", "--no-webui"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True,
             env={**os.environ, "LD_LIBRARY_PATH": str(binary.parent)},
         )  # fmt: skip
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise AssertionError("llama-server did not become healthy")
+        wait_until_healthy(self.url, self.process, "llama-server")
 
     def stop(self) -> None:
         self.process.kill()

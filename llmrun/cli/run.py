@@ -258,14 +258,13 @@ def run_command(
     if client is not None:
         from llmrun.client import Ask
 
-        with client:
-            sampling = options.sampling_params(temperature, top_p, top_k, min_p, repeat_penalty, seed)
-            messages = ([{"role": "system", "content": system}] if system else []) + [
-                {"role": "user", "content": read_prompt(prompt or [])}
-            ]
-            ask = Ask(model, messages, sampling, max_tokens, tuple(stop or ()), ignore_eos, raw, json_schema,
-                      output_format == "json", think)  # fmt: skip
-            _run_on_server(client, ask, bool(think), no_pull, logging, verbose, json_output)
+        sampling = options.sampling_params(temperature, top_p, top_k, min_p, repeat_penalty, seed)
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": read_prompt(prompt or [])}
+        ]
+        ask = Ask(model, messages, sampling, max_tokens, tuple(stop or ()), ignore_eos, raw, json_schema,
+                  output_format == "json", think)  # fmt: skip
+        _run_on_server(client, ask, bool(think), no_pull, logging, verbose, json_output)
         return
     resolved = options.resolve(model, no_pull)
     text = read_prompt(prompt or [])

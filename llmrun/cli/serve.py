@@ -26,7 +26,7 @@ from llmrun.cli.options import (
 )
 from llmrun.cli.output import notice, print_json, print_rows
 from llmrun.errors import LlmrunError, UsageError
-from llmrun.settings import DEFAULT_DRAFT_MAX, get_settings
+from llmrun.settings import DEFAULT_DRAFT_MAX, LOOPBACK_HOSTS, get_settings
 
 ServerOption = Annotated[
     str | None,
@@ -161,7 +161,7 @@ def serve_command(
         upstreams=serve_config.upstreams,
     )
     url = f"http://{_url_host(options.host)}:{options.port}"
-    if options.host not in ("127.0.0.1", "localhost", "::1") and not options.api_key:
+    if options.host not in LOOPBACK_HOSTS and not options.api_key:
         notice(f"warning: serving on {options.host} without --api-key: anyone who can reach this machine can use it")
 
     def ready() -> None:

@@ -12,7 +12,7 @@ import typer
 
 from llmrun.cli.options import Threads
 from llmrun.cli.output import notice
-from llmrun.settings import get_settings
+from llmrun.settings import LOOPBACK_HOSTS, get_settings
 
 
 def worker_command(
@@ -38,7 +38,7 @@ def worker_command(
         cache_dir = settings.home / "rpc-cache"
         cache_dir.mkdir(parents=True, exist_ok=True)
     devices = serve_worker(host, port, threads or settings.threads or physical_cores(), cache_dir)
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    if host not in LOOPBACK_HOSTS:
         notice(f"warning: the RPC protocol has no authentication: anyone who can reach {host}:{port} can use "
                "this machine's devices; keep it on a trusted network")  # fmt: skip
     notice(f"llmrun worker on {host}:{port} serving {', '.join(devices)}; use it with --rpc {host}:{port}; "

@@ -8,12 +8,11 @@ import sys
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
 import llama_cpp
-
-from llmrun.machine import has_amx
 
 __all__ = [
     "NATIVE_LOG",
@@ -69,23 +68,33 @@ def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     NATIVE_LOG.write(level, text)
 
 
+@dataclass(frozen=True)
+class _Backend:
+    """What initialising llama.cpp decided for this process (see ``machine.refuse_amx``)."""
+
+    amx_refused: bool  # the CPU has AMX and llama.cpp was kept off it
+    extra_buffers: bool  # models may use llama.cpp's extra buffer types (repacked weights)
+
+
 @lru_cache(maxsize=1)
-def _init_backend() -> bool:
-    """Once per process; False when llama.cpp must not use its extra buffer types (see ``machine.refuse_amx``)."""
-    from llmrun.machine import avoid_amx
+def _init_backend() -> _Backend:
+    from llmrun.machine import has_amx, refuse_amx
     from llmrun.settings import get_settings
 
     llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
     llama_cpp.llama_backend_init()
+    if not has_amx() or get_settings().amx:
+        return _Backend(amx_refused=False, extra_buffers=True)
+    refused = refuse_amx()
     # Where AMX cannot be turned off alone: no extra buffer types at all (as llama.cpp's --no-repack).
-    return avoid_amx(get_settings().amx)
+    return _Backend(amx_refused=refused, extra_buffers=refused)
 
 
 @contextmanager
 def amx_notice_silenced() -> Iterator[None]:
-    """While a model loads: ggml prints "AMX is not ready to be used!" to stderr each time it finds AMX refused
-    (see ``machine.refuse_amx``), which is llmrun's doing, not news. Not with --debug, which shows all."""
-    if not (_init_backend.cache_info().currsize and has_amx() and not NATIVE_LOG.echo):
+    """While a model loads: ggml prints "AMX is not ready to be used!" to stderr each time it finds AMX refused,
+    which is llmrun's doing, not news. Not with --debug, which shows all."""
+    if not _init_backend().amx_refused or NATIVE_LOG.echo:
         yield
         return
     sys.stderr.flush()
@@ -101,8 +110,8 @@ def amx_notice_silenced() -> Iterator[None]:
 
 
 def extra_buffers_allowed() -> bool:
-    """Whether models may use llama.cpp's extra buffer types (repacked weights); call after ``init_native``."""
-    return _init_backend()
+    """Whether models may use llama.cpp's extra buffer types (repacked weights)."""
+    return _init_backend().extra_buffers
 
 
 def init_native(debug: bool = False) -> Any:

@@ -54,8 +54,8 @@ def _require_rpc() -> None:
 
 
 @lru_cache(maxsize=1)
-def _ggml() -> tuple[Any, Any]:
-    """ggml's functions as libllama sees them (twice the same library: its backend registry and its base).
+def _ggml() -> Any:
+    """ggml's functions (its backend registry's and its base's) as libllama sees them.
 
     Looked up through llama_cpp's own handle of libllama, whose dependencies are libggml.so.0 and
     libggml-base.so.0: a wheel carries libggml.so beside them as a copy, not a link, and opening that
@@ -79,13 +79,13 @@ def _ggml() -> tuple[Any, Any]:
     ggml.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
     ggml.ggml_set_abort_callback.restype = ctypes.c_void_p
     ggml.ggml_set_abort_callback.argtypes = [_ABORT_CALLBACK]
-    return ggml, ggml
+    return ggml
 
 
 def _rpc_function(name: str, signature: Any) -> Any:
-    ggml, base = _ggml()
+    ggml = _ggml()
     registry = ggml.ggml_backend_reg_by_name(b"RPC")
-    address = base.ggml_backend_reg_get_proc_address(registry, name.encode()) if registry else None
+    address = ggml.ggml_backend_reg_get_proc_address(registry, name.encode()) if registry else None
     if not address:
         raise RpcUnavailable(f"this llama.cpp's RPC backend has no {name}", REBUILD)
     return signature(address)
@@ -118,21 +118,18 @@ def _check_reachable(endpoint: str) -> None:
 
 
 @cache
-def add_workers(endpoints: tuple[str, ...]) -> int:
-    """Register the workers' devices with ggml (once per process), so models load onto them; their count."""
+def add_workers(endpoints: tuple[str, ...]) -> None:
+    """Register the workers' devices with ggml (once per process), so models load onto them."""
     _require_rpc()
     add_server = _rpc_function("ggml_backend_rpc_add_server", ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_char_p))
-    ggml, base = _ggml()
-    base.ggml_set_abort_callback(_worker_lost)
-    devices = 0
+    ggml = _ggml()
+    ggml.ggml_set_abort_callback(_worker_lost)
     for endpoint in endpoints:
         _check_reachable(endpoint)
         registry = add_server(endpoint.encode())
         if not registry:
             raise ServerUnreachable(f"the RPC worker at {endpoint} offers no device", "check its log")
         ggml.ggml_backend_register(registry)
-        devices += 1
-    return devices
 
 
 def serve_worker(host: str, port: int, threads: int, cache_dir: Path | None) -> list[str]:
@@ -142,10 +139,10 @@ def serve_worker(host: str, port: int, threads: int, cache_dir: Path | None) -> 
     import threading
 
     _require_rpc()
-    ggml, base = _ggml()
+    ggml = _ggml()
     all_devices = [ggml.ggml_backend_dev_get(index) for index in range(ggml.ggml_backend_dev_count())]
-    accelerators = [dev for dev in all_devices if base.ggml_backend_dev_type(dev) in (_DEVICE_GPU, _DEVICE_IGPU)]
-    chosen = accelerators or [dev for dev in all_devices if base.ggml_backend_dev_type(dev) == _DEVICE_CPU]
+    accelerators = [dev for dev in all_devices if ggml.ggml_backend_dev_type(dev) in (_DEVICE_GPU, _DEVICE_IGPU)]
+    chosen = accelerators or [dev for dev in all_devices if ggml.ggml_backend_dev_type(dev) == _DEVICE_CPU]
     start = _rpc_function(
         "ggml_backend_rpc_start_server",
         ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_size_t,
@@ -159,7 +156,7 @@ def serve_worker(host: str, port: int, threads: int, cache_dir: Path | None) -> 
         target=start, args=(endpoint, cache, threads, len(chosen), array), name="llmrun-rpc", daemon=True
     )
     thread.start()
-    return [base.ggml_backend_dev_name(dev).decode() for dev in chosen]
+    return [ggml.ggml_backend_dev_name(dev).decode() for dev in chosen]
 
 
 def _check_port_free(host: str, port: int) -> None:

@@ -542,8 +542,7 @@ async def pull(body: PullRequest, request: Request) -> Any:
         def close(self) -> None:
             put({"status": f"pulling {self.name}", "digest": self.name, "total": self.total, "completed": self.n})
 
-    if (upstream := pool.upstream_for(body.model_name)) is not None:
-        raise UsageError(f"{body.model_name} is served by upstream {upstream.name}", "pull it there")
+    _not_upstream(pool, body.model_name)
     settings = get_settings()
     options = PullOptions(
         hub_cache=settings.hub_cache, shared_cache=settings.hf_cache is not None, progress=Progress,

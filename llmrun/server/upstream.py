@@ -16,13 +16,13 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 
-from llmrun.client import error_detail, response_format
+from llmrun.client import choice_delta, error_detail, refusal_kind, response_format, stream_error
 from llmrun.errors import LlmrunError, ModelNotFound, PromptTooLong, UpstreamError, UpstreamTimeout, UsageError
 from llmrun.generation import TokenLogprob
 from llmrun.server.config import UpstreamConfig
@@ -40,15 +40,14 @@ from llmrun.tools import ToolCall
 if TYPE_CHECKING:
     from llmrun.server.pool import ModelPool
 
+T = TypeVar("T")
+
 HEALTH_TIMEOUT_S = 5.0
 KEEP_ALIVE_S = 2.0
 STALE_RETRIES = 1  # a request sent again to the same replica when its pooled connection turned out closed
-# Sampling fields sent on as the OpenAI API (and llama.cpp's and vLLM's servers) name them.
-SAMPLING_FIELDS = {
-    "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
-    "repeat_penalty": "repeat_penalty", "presence_penalty": "presence_penalty",
-    "frequency_penalty": "frequency_penalty", "seed": "seed",
-}  # fmt: skip
+# Sampling fields sent on, named as in SamplingParams, the OpenAI API and llama.cpp's and vLLM's servers alike.
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "presence_penalty",
+                   "frequency_penalty", "seed")  # fmt: skip
 
 
 @dataclass(eq=False)
@@ -91,7 +90,15 @@ class Upstream:
     async def embed(self, model: str, inputs: list[Any]) -> tuple[list[list[float]], int]:
         """Embeddings from the upstream's /v1/embeddings (tried on each replica until one answers)."""
         body = {"model": model, "input": inputs, "encoding_format": "float"}
-        response = await self._post("/v1/embeddings", body, stream=False)
+
+        async def attempt(replica: Replica) -> httpx.Response:
+            replica.in_flight += 1
+            try:
+                return await self._send(replica, "/v1/embeddings", body, stream=False)
+            finally:
+                replica.in_flight -= 1
+
+        response = await self._on_replicas(attempt)
         try:
             data = response.json()
             vectors = [entry["embedding"] for entry in sorted(data["data"], key=lambda entry: entry["index"])]
@@ -103,12 +110,9 @@ class Upstream:
     async def start_stream(self, pool: ModelPool, request: InferenceRequest) -> UpstreamStream:
         """Send ``request`` and wait for its first event, on another replica if one fails before that."""
         path, body = request_body(request)
-        tried: set[Replica] = set()
-        last: LlmrunError | None = None
-        stale = STALE_RETRIES
-        while (replica := self.pick(tried)) is not None:
-            tried.add(replica)
-            replica.in_flight += 1
+
+        async def attempt(replica: Replica) -> UpstreamStream:
+            replica.in_flight += 1  # until the stream closes
             replica.requests += 1
             began = time.perf_counter()
             response: httpx.Response | None = None
@@ -116,8 +120,27 @@ class Upstream:
                 response = await self._send(replica, path, body, stream=True)
                 events = _events(response, self, request.n, began)
                 first = await _first(events)
-            except _Retry as retry:
+            except BaseException:  # a failure to retry, a refusal (4xx), or the client left
                 replica.in_flight -= 1
+                if response is not None:
+                    await response.aclose()
+                raise
+            return UpstreamStream(request, pool, replica, response, events, first, began)
+
+        return await self._on_replicas(attempt)
+
+    async def _on_replicas(self, attempt: Callable[[Replica], Awaitable[T]]) -> T:
+        """``attempt`` on the healthy replica with the fewest requests in flight, then on the next while one fails
+        before anything reached the client (``_Retry``: it is taken out until a health check takes it back), and
+        once more on the same one when the connection it was sent on had been closed by the replica meanwhile."""
+        tried: set[Replica] = set()
+        last: LlmrunError | None = None
+        stale = STALE_RETRIES
+        while (replica := self.pick(tried)) is not None:
+            tried.add(replica)
+            try:
+                return await attempt(replica)
+            except _Retry as retry:
                 if retry.stale and stale:  # a pooled connection the replica had closed: not the replica's fault
                     stale -= 1
                     tried.discard(replica)
@@ -125,35 +148,6 @@ class Upstream:
                 replica.failures += 1
                 replica.healthy, replica.last_error = False, retry.error.message
                 last = retry.error
-                continue
-            except BaseException:  # a refusal (4xx), or the client left: the request ends here
-                replica.in_flight -= 1
-                if response is not None:
-                    await response.aclose()
-                raise
-            return UpstreamStream(request, pool, self, replica, response, events, first, began)
-        raise last or UpstreamError(f"upstream {self.name} has no replica", "add urls to its config")
-
-    async def _post(self, path: str, body: dict[str, Any], stream: bool) -> httpx.Response:
-        tried: set[Replica] = set()
-        last: LlmrunError | None = None
-        stale = STALE_RETRIES
-        while (replica := self.pick(tried)) is not None:
-            tried.add(replica)
-            replica.in_flight += 1
-            try:
-                response = await self._send(replica, path, body, stream=stream)
-                await response.aread()
-                return response
-            except _Retry as retry:
-                if retry.stale and stale:
-                    stale -= 1
-                    tried.discard(replica)
-                    continue
-                replica.healthy, replica.last_error = False, retry.error.message
-                last = retry.error
-            finally:
-                replica.in_flight -= 1
         raise last or UpstreamError(f"upstream {self.name} has no replica", "add urls to its config")
 
     async def _send(self, replica: Replica, path: str, body: dict[str, Any], stream: bool) -> httpx.Response:
@@ -182,14 +176,6 @@ class Upstream:
         if response.status_code >= 500 or response.status_code == 429:
             raise _Retry(refusal)
         raise refusal
-
-
-@dataclass(frozen=True)
-class UpstreamModel:
-    """What a stream's API module needs of the model answering: its name (as ``LoadedModel`` has)."""
-
-    name: str
-    upstream: str
 
 
 class Upstreams:
@@ -290,9 +276,10 @@ def _refusal(response: httpx.Response, where: str, model: str) -> LlmrunError:
         return UpstreamError(f"{where} answered {status}: {message}", "see its log")
     if status in (401, 403):  # the upstream refused llmrun's key, not the client's: a server-side problem (502)
         return UpstreamError(f"{where} refused llmrun's key ({status}: {message})", "set api_key_env in the config")
-    if status == 404 and (code == "model_not_found" or "model" in message.lower()):
+    kind = refusal_kind(status, message, code)
+    if kind is ModelNotFound:
         return ModelNotFound(text, f"check the models of upstream {where.split()[1]} in the config")
-    if status == 400 and (code == "context_length_exceeded" or "context" in message.lower()):
+    if kind is PromptTooLong:
         return PromptTooLong(text)
     return UpstreamRefused(text, status)
 
@@ -302,9 +289,9 @@ def request_body(request: InferenceRequest) -> tuple[str, dict[str, Any]]:
     body: dict[str, Any] = {"model": request.model, "stream": True, "stream_options": {"include_usage": True}}
     sampling = request.sampling
     if sampling is not None:  # only what the client set: the rest is the upstream's own default
-        for field_name, wire_name in SAMPLING_FIELDS.items():
-            if field_name in sampling.explicit:
-                body[wire_name] = getattr(sampling, field_name)
+        for name in SAMPLING_FIELDS:
+            if name in sampling.explicit:
+                body[name] = getattr(sampling, name)
         if "logit_bias" in sampling.explicit and sampling.logit_bias:
             body["logit_bias"] = {str(token): bias for token, bias in sampling.logit_bias}
     if request.max_tokens is not None:
@@ -349,13 +336,12 @@ def request_body(request: InferenceRequest) -> tuple[str, dict[str, Any]]:
 def _message(message: dict[str, Any]) -> dict[str, Any]:
     """An internal message in OpenAI's shape: tool call arguments as JSON text (Ollama sends objects)."""
     converted = dict(message)
-    calls = converted.get("tool_calls")
-    if calls:
-        converted["tool_calls"] = [
-            {**call, "function": {**call["function"], "arguments": arguments if isinstance(
-                arguments := call["function"].get("arguments", "{}"), str) else json.dumps(arguments)}}
-            for call in calls
-        ]  # fmt: skip
+    if calls := converted.get("tool_calls"):
+        converted["tool_calls"] = []
+        for call in calls:
+            arguments = call["function"].get("arguments", "{}")
+            text = arguments if isinstance(arguments, str) else json.dumps(arguments)
+            converted["tool_calls"].append({**call, "function": {**call["function"], "arguments": text}})
     return converted
 
 
@@ -396,10 +382,8 @@ async def _events(response: httpx.Response, upstream: Upstream, n: int, began: f
                 raise UpstreamError(f"{where} sent something that is not JSON: {data[:60]!r}", "see its log") from None
             if not isinstance(chunk, dict):
                 raise UpstreamError(f"{where} sent a chunk that is not an object", "see its log")
-            if "error" in chunk:
-                reported = chunk["error"]
-                message = reported.get("message") if isinstance(reported, dict) else reported
-                raise UpstreamError(f"{where}: {message}")
+            if (failure := stream_error(chunk)) is not None:
+                raise UpstreamError(f"{where}: {failure}")
             if isinstance(chunk.get("usage"), dict):
                 usage = chunk["usage"]
             for choice in chunk.get("choices") or ():
@@ -448,18 +432,14 @@ class _Answer:
 
     def feed(self, index: int, choice: dict[str, Any]) -> list[Event]:
         events: list[Event] = []
-        given = choice.get("delta") if "delta" in choice else {"content": choice.get("text")}
-        delta: dict[str, Any] = given if isinstance(given, dict) else {}
-        thinking = delta.get("reasoning_content") or delta.get("reasoning")
-        if isinstance(thinking, str) and thinking:
+        delta, thinking, content = choice_delta(choice)
+        if thinking:
             self.reasoning.append(thinking)
             events.append(ReasoningDelta(index, thinking))
-        content = delta.get("content")
         logprobs = _logprobs(choice.get("logprobs"))
-        if (isinstance(content, str) and content) or logprobs:
-            text = content if isinstance(content, str) else ""
-            self.text.append(text)
-            events.append(TextDelta(index, text, logprobs))
+        if content or logprobs:
+            self.text.append(content)
+            events.append(TextDelta(index, content, logprobs))
         for call in delta.get("tool_calls") or []:
             if not isinstance(call, dict):
                 continue
@@ -524,12 +504,9 @@ def _logprobs(value: Any) -> list[TokenLogprob]:
                                         float(entry.get("logprob", 0.0)), top))  # fmt: skip
     elif isinstance(value.get("tokens"), list):
         tops = value.get("top_logprobs") or []
+        logprobs = value.get("token_logprobs") or []
         for number, token in enumerate(value["tokens"]):
-            logprob = (
-                (value.get("token_logprobs") or [0.0])[number]
-                if number < len(value.get("token_logprobs") or [])
-                else 0.0
-            )
+            logprob = logprobs[number] if number < len(logprobs) else 0.0
             alternatives = tops[number] if number < len(tops) and isinstance(tops[number], dict) else {}
             top = tuple((str(text), str(text).encode(), float(lp)) for text, lp in alternatives.items())
             entries.append(TokenLogprob(str(token), str(token).encode(), float(logprob or 0.0), top))
@@ -540,12 +517,11 @@ class UpstreamStream:
     """A started upstream request, with ``Stream``'s interface: iterate for events; ``close()`` stops it."""
 
     def __init__(
-        self, request: InferenceRequest, pool: ModelPool, upstream: Upstream, replica: Replica,
-        response: httpx.Response, events: AsyncIterator[Event], first: list[Event], began: float,
+        self, request: InferenceRequest, pool: ModelPool, replica: Replica, response: httpx.Response,
+        events: AsyncIterator[Event], first: list[Event], began: float,
     ) -> None:  # fmt: skip
         self.request = request
-        self.model = UpstreamModel(request.model, upstream.name)
-        self.upstream = upstream
+        self.model_name = request.model  # sent on unchanged
         self.replica = replica
         self.load_s = 0.0
         self.prompt_tokens = 0  # an upstream says only at the end
@@ -557,36 +533,28 @@ class UpstreamStream:
         self._began = began
         self._closed = False
 
-    @property
-    def model_name(self) -> str:
-        return self.model.name
-
     async def __aiter__(self) -> AsyncIterator[Event]:
         finished: set[int] = set()
         try:
-            for event in self._first:
+            async for event in self._all_events():
                 if isinstance(event, Finished):
                     finished.add(event.index)
-                    self._finished(event)
+                    self._pool.finished(self.request, self.model_name, event)
                 yield event
-            if len(finished) < self.request.n:
-                try:
-                    async for item in self._events:
-                        if isinstance(item, Finished):
-                            finished.add(item.index)
-                            self._finished(item)
-                        yield item
-                except (LlmrunError, _Retry) as failure:  # after the first token: the answer ends with the error
-                    error = failure.error if isinstance(failure, _Retry) else failure
-                    self.replica.failures += 1
-                    total = time.perf_counter() - self._began
-                    for index in sorted(set(range(self.request.n)) - finished):
-                        yield Finished(index, "error", "", Usage(0, 0), 0.0, 0.0, total, error=error)
+        except (LlmrunError, _Retry) as failure:  # after the first token: the answer ends with the error
+            error = failure.error if isinstance(failure, _Retry) else failure
+            self.replica.failures += 1
+            total = time.perf_counter() - self._began
+            for index in sorted(set(range(self.request.n)) - finished):
+                yield Finished(index, "error", "", Usage(0, 0), 0.0, 0.0, total, error=error)
         finally:
             await self.aclose()
 
-    def _finished(self, event: Finished) -> None:
-        self._pool.finished(self.request, self.model.name, event)
+    async def _all_events(self) -> AsyncIterator[Event]:
+        for event in self._first:  # read before the request was known to be answered
+            yield event
+        async for event in self._events:
+            yield event
 
     async def aclose(self) -> None:
         if self._closed:
