@@ -66,6 +66,11 @@ class Usage:
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
+    @property
+    def evaluated_prompt_tokens(self) -> int:
+        """Prompt tokens computed for this answer (the rest were found in the KV cache)."""
+        return max(0, self.prompt_tokens - self.cached_tokens)
+
 
 @dataclass(frozen=True)
 class TextDelta:
@@ -110,6 +115,17 @@ class Finished:
     tool_calls: tuple[ToolCall, ...] = ()
     stop_sequence: str | None = None  # the stop string that ended the answer, if one did
     reasoning: str = ""  # a reasoning model's thinking, apart from ``text``
+
+    @property
+    def prompt_tokens_per_s(self) -> float:
+        evaluated = self.usage.evaluated_prompt_tokens
+        return evaluated / self.time_to_first_token_s if self.time_to_first_token_s > 0 else 0.0
+
+    @property
+    def generation_tokens_per_s(self) -> float:
+        """Decode speed, as GenerationResult's: each token after the first costs one decode."""
+        decodes = self.usage.completion_tokens - 1
+        return decodes / self.generation_s if decodes > 0 and self.generation_s > 0 else 0.0
 
 
 Event = TextDelta | ReasoningDelta | ToolCallDelta | Finished

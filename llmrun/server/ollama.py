@@ -178,11 +178,10 @@ def _request(body: _Generation, route: str, **fields: Any) -> InferenceRequest:
 
 
 def _durations(stream: Stream, event: Finished) -> dict[str, Any]:
-    evaluated = max(0, event.usage.prompt_tokens - event.usage.cached_tokens)
     return {
         "total_duration": int((event.total_s + stream.load_s) * 1e9),
         "load_duration": int(stream.load_s * 1e9),
-        "prompt_eval_count": evaluated,
+        "prompt_eval_count": event.usage.evaluated_prompt_tokens,
         "prompt_eval_duration": int(event.time_to_first_token_s * 1e9),
         "eval_count": event.usage.completion_tokens,
         "eval_duration": int(event.generation_s * 1e9),

@@ -255,17 +255,14 @@ def _logs_here(request: Request) -> bool:
 
 def _timings(event: Finished) -> dict[str, Any]:
     """llama-server's ``timings`` object (its clients, and ``run --server``, read it): milliseconds, per answer."""
-    evaluated = max(0, event.usage.prompt_tokens - event.usage.cached_tokens)
-    prompt_ms, predicted_ms = event.time_to_first_token_s * 1000, event.generation_s * 1000
-    decodes = max(0, event.usage.completion_tokens - 1)
     return {
         "cache_n": event.usage.cached_tokens,
-        "prompt_n": evaluated,
-        "prompt_ms": round(prompt_ms, 3),
-        "prompt_per_second": round(evaluated / prompt_ms * 1000, 3) if prompt_ms > 0 else 0.0,
+        "prompt_n": event.usage.evaluated_prompt_tokens,
+        "prompt_ms": round(event.time_to_first_token_s * 1000, 3),
+        "prompt_per_second": round(event.prompt_tokens_per_s, 3),
         "predicted_n": event.usage.completion_tokens,
-        "predicted_ms": round(predicted_ms, 3),
-        "predicted_per_second": round(decodes / predicted_ms * 1000, 3) if predicted_ms > 0 else 0.0,
+        "predicted_ms": round(event.generation_s * 1000, 3),
+        "predicted_per_second": round(event.generation_tokens_per_s, 3),
     }
 
 

@@ -293,7 +293,6 @@ def _exchange(request: InferenceRequest, model_name: str, event: Finished) -> Ex
         options.update(request.sampling.logged())
     if request.max_tokens:
         options["max_tokens"] = request.max_tokens
-    decodes = event.usage.completion_tokens - 1
     response = event.text
     if event.tool_calls:  # the calls, as the JSON a client got them in, after any text
         calls = [{"name": call.name, "arguments": json.loads(call.arguments)} for call in event.tool_calls]
@@ -302,7 +301,7 @@ def _exchange(request: InferenceRequest, model_name: str, event: Finished) -> Ex
         model=model_name, prompt=prompt, system=system, options=options, response=response,
         finish_reason=event.finish_reason, prompt_tokens=event.usage.prompt_tokens,
         completion_tokens=event.usage.completion_tokens, time_to_first_token_s=event.time_to_first_token_s,
-        generation_tokens_per_s=decodes / event.generation_s if decodes > 0 and event.generation_s > 0 else 0.0,
+        generation_tokens_per_s=event.generation_tokens_per_s,
     )  # fmt: skip
     return exchange
 
