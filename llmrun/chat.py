@@ -297,7 +297,7 @@ class ServerChat:
 
     def __init__(self, client: ServerClient, name: str) -> None:
         self.client = client
-        self.name = name
+        self.name = name  # as asked for; the server's own name for it once it has answered
 
     @property
     def capacity(self) -> int | None:
@@ -311,7 +311,25 @@ class ServerChat:
     ) -> Reply:
         from llmrun.client import Ask
 
-        return self.client.ask(Ask(self.name, messages, sampling, max_tokens, stop))
+        return _ServerReply(self, self.client.ask(Ask(self.name, messages, sampling, max_tokens, stop)))
 
     def close(self) -> None:
         """Nothing to release: each request has a connection of its own."""
+
+
+class _ServerReply:
+    """A server's answer; once it is complete, the chat takes the server's name for the model, as `run --server`
+    logs it (``smollm2`` for ``smollm2:latest``)."""
+
+    def __init__(self, chat: ServerChat, generation: Any) -> None:
+        self.chat = chat
+        self.generation = generation
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        yield from self.generation
+        self.chat.name = self.generation.model_name
+
+    @property
+    def result(self) -> GenerationResult:
+        result: GenerationResult = self.generation.result
+        return result

@@ -205,3 +205,11 @@ def test_run_through_a_server_pulls_a_model_it_lacks(cli: Cli, hub: HubStandIn, 
         assert "bartowski/Tiny-GGUF:Q8_0" in [entry["name"] for entry in cli("list", "--json").json()]
     finally:
         serving.stop()
+
+
+def test_chat_through_a_server_logs_the_servers_name_for_the_model(store_cli: Cli, server: Server) -> None:
+    marker = f"Say hello {time.monotonic_ns()}."
+    result = store_cli("chat", "smollm2:latest", "-n", "3", "--plain", "--server", server.url, input=marker + "\n")
+    assert result.returncode == 0, result.stderr
+    [logged] = [entry for entry in store_cli("logs", "--json", "-n", "0").json() if entry["prompt"] == marker]
+    assert logged["model"] == "smollm2"  # as `run --server` logs it, not the name as typed
