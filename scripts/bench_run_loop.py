@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_run import synthetic_model  # noqa: E402
-from bench_serve import LLMRUN, free_port  # noqa: E402
+from bench_serve import LLMRUN, Server, free_port  # noqa: E402
 
 PROMPT = "Give a one-line title for note number"
 N_GEN = 8
@@ -59,22 +59,11 @@ def main() -> int:
     subprocess.run([str(LLMRUN), "import", str(model), "--name", name, "--link"], env=env, check=True,
                    capture_output=True)  # fmt: skip
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([str(LLMRUN), "serve", name, "--port", str(port), "--parallel", "1", "--no-log"],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    server = Server("llmrun", [str(LLMRUN), "serve", name, "--port", str(port), "--parallel", "1", "--no-log"],
+                    env, name, port)  # fmt: skip
+    url = server.url
     try:
-        import httpx
-
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise SystemExit("llmrun serve did not start")
-            time.sleep(0.3)
+        server.start()
         here, there = [], []
         for number in range(args.rounds):
             order = [("here", []), ("there", ["--server", url])]
@@ -84,8 +73,7 @@ def main() -> int:
                 print(f"round {number + 1}, {'in-process' if which == 'here' else 'through serve'}: {seconds:.1f} s",
                       flush=True)  # fmt: skip
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        server.stop()
     best_here, best_there = min(here), min(there)
     print(f"\n# {args.prompts} prompts through `llmrun run` in a bash loop: {model.name}, {N_GEN} tokens each "
           f"(best of {args.rounds})\n")  # fmt: skip
