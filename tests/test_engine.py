@@ -137,6 +137,94 @@ def test_an_unrelated_request_leaves_another_conversations_cache_alone(smollm2: 
         assert generation.result.cached_tokens >= len(first) - 2
 
 
+def _busy_slots(engine: Engine) -> list[int]:
+    return sorted(sequence.slot for sequence in engine.scheduler.running)
+
+
+def test_a_new_request_takes_a_slot_next_to_the_running_ones_and_copies_its_cached_prefix(smollm2: Path) -> None:
+    """llama.cpp decodes a run of consecutive slots in one pass and each run apart in another: a request joins
+    the running ones next to them, even when another slot holds the start of its prompt (those cells are copied)."""
+    with Engine(smollm2, LoadOptions(n_ctx=1024, n_slots=4)) as engine:
+        scheduler = engine.scheduler
+        conversation = [{"role": "user", "content": "Tell me about the history of lighthouses on rocky coasts."}]
+        first = engine.chat_prompt(conversation)
+        generate(engine, first, sampling=GREEDY, max_tokens=4)  # its cache stays in slot 0
+        generate(engine, [engine.model.bos_token, *range(300, 340)], sampling=GREEDY, max_tokens=4)  # slot 1
+        follow_up = engine.chat_prompt([*conversation, {"role": "assistant", "content": "They guided ships."},
+                                        {"role": "user", "content": "And in winter?"}])  # fmt: skip
+        alone, _ = generate(engine, follow_up, sampling=GREEDY, max_tokens=12, ignore_eos=True)
+
+        # An unrelated answer runs in slot 2 (the one used least recently), then the follow-up arrives.
+        other = engine.generate(GenerationRequest(tuple(range(400, 440)), GREEDY, max_tokens=40, ignore_eos=True))
+        scheduler.step()
+        assert _busy_slots(engine) == [2]
+        generation = engine.generate(GenerationRequest(tuple(follow_up), GREEDY, max_tokens=12, ignore_eos=True))
+        scheduler.step()
+        busy = _busy_slots(engine)
+        assert len(busy) == 2 and busy[1] == busy[0] + 1
+        text = "".join(generation)
+        assert generation.result.cached_tokens >= len(first) - 2
+        assert text == alone
+        list(other)
+
+
+def test_an_answer_moves_to_close_a_gap_between_busy_slots(smollm2: Path) -> None:
+    """When an answer between two running ones ends, the one in the highest slot moves into the gap (its KV cells
+    copied), so the rest decode in one pass; its answer is the same as alone."""
+    with Engine(smollm2, LoadOptions(n_ctx=1024, n_slots=4)) as engine:
+        scheduler = engine.scheduler
+        prompts = [engine.chat_prompt([{"role": "user", "content": question}])
+                   for question in ("Name three fruits.", "What is two plus two?", "Describe the sea.")]  # fmt: skip
+        alone = [generate(engine, prompt, sampling=GREEDY, max_tokens=40, ignore_eos=True)[0] for prompt in prompts]
+        lengths = (40, 3, 40)
+        generations = [engine.generate(GenerationRequest(tuple(prompt), GREEDY, max_tokens=length, ignore_eos=True))
+                       for prompt, length in zip(prompts, lengths, strict=True)]  # fmt: skip
+        while scheduler.has_work:
+            scheduler.step()
+            busy = _busy_slots(engine)
+            if scheduler.waiting or not busy:
+                continue
+            if scheduler.moves:  # after the move, the busy slots are a run again
+                assert busy == list(range(busy[0], busy[0] + len(busy)))
+        assert scheduler.moves == 1
+        texts = [generation.result.text for generation in generations]
+        assert texts[0] == alone[0] and texts[2] == alone[2]
+        assert alone[1].startswith(texts[1])
+
+
+def test_a_slot_being_copied_from_is_not_overwritten_from_host_memory_first(smollm2: Path) -> None:
+    """A copies its prefix from slot 0, then B takes slot 0 in the same step and has a saved cache for its prompt:
+    llama.cpp copies slot 0 at the next decode, so restoring B's cache into it first would give A B's cells."""
+    texts = ("The history of lighthouses on rocky coasts is long, and the keepers who lived in them kept the lamps "
+             "burning through every storm of the winter, trimming wicks and polishing the great lenses by hand.",
+             "Bees make honey from the nectar of the flowers they visit; back in the hive they pass it from mouth "
+             "to mouth, fan it with their wings until it thickens, and seal it in cells of wax they build themselves.",
+             "On a winter morning in a mountain village, smoke rises from every chimney, the baker opens his shutters "
+             "before dawn, and children drag their sleds up the steep lane behind the church to the top of the hill.")  # fmt: skip
+    with Engine(smollm2, LoadOptions(n_ctx=1024, n_slots=1)) as fresh:
+        p, s, v = (fresh.raw_prompt(f"{text} {text}") for text in texts)
+        a, b = [*p, *fresh.raw_prompt(" And then?")], [*s, *fresh.raw_prompt(" And the queen?")]
+        alone = [generate(fresh, prompt, sampling=GREEDY, max_tokens=16, ignore_eos=True)[0] for prompt in (a, b)]
+    assert min(len(p), len(s), len(v)) > 64
+    with Engine(smollm2, LoadOptions(n_ctx=1024, n_slots=3, host_cache_mb=64)) as engine:
+        scheduler = engine.scheduler
+        for prompt in (p, s, v):  # slots 0, 1, 2
+            generate(engine, prompt, sampling=GREEDY, max_tokens=1)
+        generate(engine, [*s[:20], *range(500, 540)], sampling=GREEDY, max_tokens=1)  # slot 1: s is saved to host
+        assert scheduler.host_cache is not None and len(scheduler.host_cache.entries) == 1
+        running = engine.generate(GenerationRequest((*v[:20], *range(600, 640)), GREEDY, max_tokens=40,
+                                                    ignore_eos=True))  # fmt: skip
+        scheduler.step()
+        assert [sequence.slot for sequence in scheduler.running] == [2]
+        generations = [engine.generate(GenerationRequest(tuple(prompt), GREEDY, max_tokens=16, ignore_eos=True))
+                       for prompt in (a, b)]  # fmt: skip
+        scheduler.step()  # a takes slot 1 and copies p from slot 0; b takes slot 0
+        assert [sequence.slot for sequence in scheduler.running] == [2, 1, 0]
+        list(running)
+        assert [generation.result.text for generation in generations] == alone
+        assert generations[0].result.cached_tokens >= len(p) - 2
+
+
 @pytest.mark.parametrize("host_cache_mb", [0, 64])
 def test_a_conversation_whose_slot_was_taken_gets_its_cache_back_from_host_memory(
     smollm2: Path, host_cache_mb: int
