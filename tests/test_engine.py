@@ -200,7 +200,7 @@ def test_a_slot_being_copied_from_is_not_overwritten_from_host_memory_first(smol
              "Bees make honey from the nectar of the flowers they visit; back in the hive they pass it from mouth "
              "to mouth, fan it with their wings until it thickens, and seal it in cells of wax they build themselves.",
              "On a winter morning in a mountain village, smoke rises from every chimney, the baker opens his shutters "
-             "before dawn, and children drag their sleds up the steep lane behind the church to the top of the hill.")  # fmt: skip
+             "before dawn, and children drag their sleds up the steep lane behind the church to the top.")  # fmt: skip
     with Engine(smollm2, LoadOptions(n_ctx=1024, n_slots=1)) as fresh:
         p, s, v = (fresh.raw_prompt(f"{text} {text}") for text in texts)
         a, b = [*p, *fresh.raw_prompt(" And then?")], [*s, *fresh.raw_prompt(" And the queen?")]
