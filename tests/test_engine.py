@@ -168,6 +168,29 @@ def test_a_new_request_takes_a_slot_next_to_the_running_ones_and_copies_its_cach
         list(other)
 
 
+def test_short_prompts_arriving_together_share_decodes_and_answer_as_alone(smollm2: Path) -> None:
+    """Five prompts of different lengths admitted at once are evaluated in shared decodes (each slot the same
+    number of tokens in each), not five decodes, and every greedy answer is the one it gets alone."""
+    questions = ("Name three fruits.", "What is two plus two?", "Describe the sea in one sentence.",
+                 "Why is the sky blue? Answer briefly.", "Name a planet.")  # fmt: skip
+    with Engine(smollm2, LoadOptions(n_ctx=1024, n_slots=5)) as engine:
+        prompts = [engine.raw_prompt(f"Q: {question}\nA:") for question in questions]  # sharing no prefix
+        assert len({len(prompt) for prompt in prompts}) >= 3
+        alone = [generate(engine, prompt, sampling=GREEDY, max_tokens=24, ignore_eos=True)[0] for prompt in prompts]
+        engine.clear_memory()  # nothing from the runs above is reused
+        generations = [engine.generate(GenerationRequest(tuple(prompt), GREEDY, max_tokens=24, ignore_eos=True))
+                       for prompt in prompts]  # fmt: skip
+        scheduler = engine.scheduler
+        scheduler._admit()
+        plans = scheduler._plan()
+        assert len(plans) < len(prompts) and max(len(plan) for plan in plans) == len(prompts)
+        for plan in plans:
+            assert len({end - begin for _, begin, end in plan}) == 1  # the same number of tokens for each slot
+        while scheduler.has_work:
+            scheduler.step()
+        assert [generation.result.text for generation in generations] == alone
+
+
 def test_an_answer_moves_to_close_a_gap_between_busy_slots(smollm2: Path) -> None:
     """When an answer between two running ones ends, the one in the highest slot moves into the gap (its KV cells
     copied), so the rest decode in one pass; its answer is the same as alone."""

@@ -157,6 +157,8 @@ class Engine:
             host_cache_bytes=options.host_cache_mb * 1024 * 1024,
             speculation=options.speculation,
             drafter=self.drafter,
+            # Without flash attention (serve --deterministic), a prompt is evaluated only in its own decodes.
+            group_prompts=options.flash_attn is not False,
         )
         self._embedding_ctx: Any = None
 

@@ -210,8 +210,10 @@ class Scheduler:
         host_cache_bytes: int = 0,
         speculation: SpeculationOptions | None = None,
         drafter: DraftModel | None = None,
+        group_prompts: bool = True,
     ) -> None:
         self.model = model
+        self.group_prompts = group_prompts  # short prompts of consecutive slots share decodes (_group_short_prompts)
         self.unified_kv = unified_kv
         self.ctx = ctx
         self.memory = llama_cpp.llama_get_memory(ctx)
@@ -485,8 +487,15 @@ class Scheduler:
             chunk = sorted(decoding[start : start + self.n_ubatch], key=lambda sequence: sequence.slot)
             plans.append([(sequence, sequence.n_past, sequence.n_past + 1) for sequence in chunk])
         budget = self.prefill_chunk if decoding else self.n_batch
-        for sequence in self.running:
-            if sequence.status is not SequenceStatus.PREFILL or sequence.prefix_source is not None:
+        ready = [sequence for sequence in self.running
+                 if sequence.status is SequenceStatus.PREFILL and sequence.prefix_source is None]  # fmt: skip
+        grouped: list[list[tuple[Sequence, int, int]]] = []
+        if self.group_prompts:
+            grouped, budget = self._group_short_prompts(ready, budget)
+            plans += grouped
+        in_groups = {sequence for plan in grouped for sequence, _, _ in plan}
+        for sequence in ready:
+            if sequence in in_groups:
                 continue
             if budget < MIN_CHUNK_TOKENS:
                 break
@@ -499,6 +508,49 @@ class Scheduler:
             plans.append([(sequence, sequence.n_past, sequence.n_past + size)])
             budget -= size
         return plans
+
+    def _group_short_prompts(
+        self, ready: list[Sequence], budget: int
+    ) -> tuple[list[list[tuple[Sequence, int, int]]], int]:
+        """Decodes that evaluate the short prompts of consecutive slots together, and the budget left.
+
+        Eight requests arriving at once would otherwise cost eight prompt decodes, each a pass over
+        the weights for a few dozen tokens; together they take one or a few. Every sequence in such a
+        decode gets the same number of tokens (llama.cpp then computes them in one pass, each slot's
+        rows as a chunk of its own), never leaving one with a lone last token, and no chunk reaches
+        MAX_ROWS rows, so that attention computes each row as it does in the prompt's own decode.
+        """
+        plans: list[list[tuple[Sequence, int, int]]] = []
+        short = sorted((sequence for sequence in ready if sequence.prompt_len - sequence.n_past <= MAX_ROWS),
+                       key=lambda sequence: sequence.slot)  # fmt: skip
+        runs: list[list[Sequence]] = []
+        for sequence in short:
+            if runs and runs[-1][-1].slot + 1 == sequence.slot and len(runs[-1]) < self.n_ubatch // MAX_ROWS:
+                runs[-1].append(sequence)
+            else:
+                runs.append([sequence])
+        for run in runs:
+            if len(run) < 2 or budget < MIN_CHUNK_TOKENS * len(run):
+                continue
+            offsets = {sequence: sequence.n_past for sequence in run}
+            active = run
+            while len(active) >= 2:
+                remaining = [sequence.prompt_len - offsets[sequence] for sequence in active]
+                size = min(remaining)
+                if any(left - size == 1 for left in remaining):
+                    size -= 2  # the shortest keeps 2 tokens, the others 3 or more
+                if size < MIN_CHUNK_TOKENS or size * len(active) > budget:
+                    break
+                plans.append([(sequence, offsets[sequence], offsets[sequence] + size) for sequence in active])
+                budget -= size * len(active)
+                for sequence in active:
+                    offsets[sequence] += size
+                active = [sequence for sequence in active if offsets[sequence] < sequence.prompt_len]
+            for sequence in active:  # what is left of a prompt (2 tokens or more), in a decode of its own
+                if offsets[sequence] > sequence.n_past and budget >= sequence.prompt_len - offsets[sequence]:
+                    plans.append([(sequence, offsets[sequence], sequence.prompt_len)])
+                    budget -= sequence.prompt_len - offsets[sequence]
+        return plans, budget
 
     def prepare(self) -> None:
         """Before the first step, on the thread that will step: with speculation, time decodes of 1, 2, 4...
