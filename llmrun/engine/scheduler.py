@@ -291,6 +291,9 @@ class Scheduler:
         self._copy_ready_prefixes()
         self._close_gap()
         for parts in self._plan():
+            parts = [part for part in parts if not part[0].finished]  # a decode before this one may have failed
+            if not parts:
+                continue
             sampled = self._fill_batch(parts)
             started = time.perf_counter()
             status = llama_cpp.llama_decode(self.ctx, self.batch)
@@ -368,9 +371,7 @@ class Scheduler:
         gap = next(slot for slot in range(busy[0], busy[-1]) if slot not in busy)
         sequence = next(sequence for sequence in self.running if sequence.slot == busy[-1])
         request = sequence.request
-        if sequence.status is not SequenceStatus.DECODING or any(
-            other.prefix_source is sequence for other in self.running
-        ):
+        if sequence.status is not SequenceStatus.DECODING:
             return
         if request.max_tokens is not None and request.max_tokens - len(sequence.completion_tokens) < MIN_MOVE_TOKENS:
             return
