@@ -347,7 +347,7 @@ class Scheduler:
         part of it, the one used least recently (an empty one first), so that another
         conversation's cache stays for its next turn.
         """
-        busy = set(range(self.n_slots)).difference(self.free_slots)
+        busy = set(self._busy_slot_ids())
         neighbours = {free: (free - 1 in busy) + (free + 1 in busy) for free in self.free_slots}
         closest = max(neighbours.values())
         candidates = [free for free in self.free_slots if neighbours[free] == closest]
@@ -365,7 +365,7 @@ class Scheduler:
         it is made only for an answer that may run a while yet. What the gap's slot held is kept
         in host memory first, where there is a host cache.
         """
-        busy = sorted(set(range(self.n_slots)).difference(self.free_slots))
+        busy = self._busy_slot_ids()
         if len(busy) < 2 or busy[-1] - busy[0] + 1 == len(busy) or self.drafter is not None:
             return
         gap = next(slot for slot in range(busy[0], busy[-1]) if slot not in busy)
@@ -379,10 +379,8 @@ class Scheduler:
         if self.host_cache is not None and len(held) >= MIN_SAVE_TOKENS:
             self.host_cache.save(self.ctx, gap, tuple(held))
         source = sequence.slot
-        # Across slots (a KV cache each) llama.cpp copies the whole cache at the next decode, before it computes.
-        llama_cpp.llama_memory_seq_cp(self.memory, source, gap, -1, -1)
+        self._copy_whole_slot(source, gap)
         llama_cpp.llama_memory_seq_rm(self.memory, source, -1, -1)
-        self._copy_sources.add(source)
         self.slot_tokens[gap], self.slot_tokens[source] = self.slot_tokens[source], []
         self._slot_admitted[gap], self._slot_admitted[source] = self._slot_admitted[source], 0
         self.free_slots.remove(gap)
@@ -454,14 +452,23 @@ class Scheduler:
             # One cache for all slots: the cells are shared, nothing is copied.
             llama_cpp.llama_memory_seq_cp(self.memory, source_slot, sequence.slot, sequence.n_past, length)
         else:
-            # A cache per slot: llama.cpp copies the source slot's whole cache (at the next decode,
-            # a memcpy far cheaper than evaluating the prefix); drop what lies past the shared part.
-            llama_cpp.llama_memory_seq_cp(self.memory, source_slot, sequence.slot, -1, -1)
+            # A cache per slot: the source slot's whole cache is copied (a memcpy far cheaper than
+            # evaluating the prefix); drop what lies past the shared part.
+            self._copy_whole_slot(source_slot, sequence.slot)
             llama_cpp.llama_memory_seq_rm(self.memory, sequence.slot, length, -1)
-            self._copy_sources.add(source_slot)
         self.slot_tokens[sequence.slot].extend(sequence.request.prompt_tokens[sequence.n_past : length])
         self.prefix_hit_tokens += length - sequence.n_past
         sequence.n_cached = sequence.n_past = length
+
+    def _copy_whole_slot(self, source: int, destination: int) -> None:
+        """Give ``destination`` every KV cell of ``source``. With a cache per slot, llama.cpp copies the data at the
+        next decode, before it computes; until then nothing may be written into ``source`` (see _copy_sources)."""
+        llama_cpp.llama_memory_seq_cp(self.memory, source, destination, -1, -1)
+        self._copy_sources.add(source)
+
+    def _busy_slot_ids(self) -> list[int]:
+        """The slots holding a running sequence, in order."""
+        return sorted(set(range(self.n_slots)).difference(self.free_slots))
 
     def _plan(self) -> list[list[tuple[Sequence, int, int]]]:
         """This step's decodes: (sequence, first position, end position) parts of each ``llama_decode``.
