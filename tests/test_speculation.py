@@ -15,6 +15,7 @@ from serving import Server
 
 from llmrun.engine import Engine, GenerationRequest, LoadOptions, SamplingParams
 from llmrun.engine.speculation import (
+    MATCH_PRIORS,
     DecodeCosts,
     Lookup,
     SpeculationOptions,
@@ -82,21 +83,38 @@ def test_lookup_learns_from_guesses_it_did_not_send() -> None:
     lookup = Lookup([5, 6, 7, 8, 9, 10, 11, 5, 6, 7])
     guess = lookup.guess(4)
     assert guess == [8, 9, 10, 11]
-    before = lookup.likelihood
+    assert lookup.likelihoods(4) == [MATCH_PRIORS[0], MATCH_PRIORS[0], MATCH_PRIORS[1], MATCH_PRIORS[1]]
     lookup.sent(guess, verifying=False)
     for token in guess:
         lookup.append(token)
-    assert lookup.likelihood > before  # all four came true
     guess = lookup.guess(4)
+    assert guess == [5, 6, 7, 8]
+    after = lookup.likelihoods(4)  # all four came true: matches of 3 and 4 tokens, then of 5 and 6
+    assert after[0] > MATCH_PRIORS[1]  # this guess's text before it matches over 7 tokens
     lookup.sent(guess, verifying=False)
     lookup.append(99)  # the first one did not
-    assert lookup.acceptance[lookup.bucket] < 1.0
+    assert lookup.likelihoods(1)[0] < after[0]
 
 
 def test_expected_tokens_counts_the_sampled_token_and_the_run_of_right_guesses() -> None:
     assert expected_tokens(1.0, 4) == 5
     assert expected_tokens(0.0, 4) == 1
     assert expected_tokens(0.5, 1) == pytest.approx(1.5)
+    assert expected_tokens([0.5, 1.0, 0.0], 3) == pytest.approx(1 + 0.5 + 0.5)
+
+
+def test_a_long_match_guesses_more_tokens_than_a_short_one() -> None:
+    costs = DecodeCosts()
+    for rows in (1, 2, 4, 8, 16, 17):
+        costs.record(rows, 0.01 * (1 + 0.55 * (rows - 1)))  # a CPU with few cores
+    copy = list(range(100, 180))
+    short = Lookup([*copy[:20], 1, 2, 3, *copy[:3]])  # the last 3 tokens came before, nothing more
+    long = Lookup([*copy, 1, 2, 3, *copy[:70]])  # the last 70 came before: the text is being copied
+    assert short.guess(16) == copy[3:19] and long.guess(10) == copy[70:80]
+    assert short.likelihoods(2) == [MATCH_PRIORS[0]] * 2
+    assert long.likelihoods(2) == [MATCH_PRIORS[-1]] * 2
+    assert best_draft_length(short.likelihoods(16), 16, 0, costs) == 0
+    assert best_draft_length(long.likelihoods(10), 10, 0, costs) >= 8
 
 
 def test_speculation_is_chosen_only_where_it_pays() -> None:

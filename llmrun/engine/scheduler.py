@@ -17,7 +17,14 @@ from typing import TYPE_CHECKING, Any
 from llmrun.engine.model import Model
 from llmrun.engine.native import llama_cpp
 from llmrun.engine.sampling import SamplerChain
-from llmrun.engine.speculation import MAX_ROWS, DecodeCosts, Lookup, SpeculationOptions, best_draft_length
+from llmrun.engine.speculation import (
+    MAX_ROWS,
+    DecodeCosts,
+    Likelihood,
+    Lookup,
+    SpeculationOptions,
+    best_draft_length,
+)
 from llmrun.engine.text import StopMatcher, Utf8Stream
 from llmrun.errors import LlmrunError
 from llmrun.generation import SamplingParams, TokenLogprob
@@ -595,7 +602,7 @@ class Scheduler:
         if room <= 0:
             return []
 
-        def choose(likelihood: float, available: int, guess_cost: float) -> int:
+        def choose(likelihood: Likelihood, available: int, guess_cost: float) -> int:
             count = best_draft_length(likelihood, available, others, self.costs, guess_cost)
             return max(count, min(self.speculation.draft_min, available))
 

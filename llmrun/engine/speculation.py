@@ -22,7 +22,7 @@ guess is sent only when the expected tokens per second go up.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,10 +31,13 @@ from llmrun.settings import DEFAULT_DRAFT_MAX
 # Tokens of context a guess is looked up by: the last occurrence of the last 12 tokens when there is one
 # (the text is being copied, and that occurrence is the one being copied), else of the last 3.
 NGRAMS = (12, 3)
-# How far the text before a guess matches the text before the earlier occurrence it was taken
-# from: a long match means the model is copying, and its guesses come true far more often.
-# Acceptance is learned separately for matches up to each of these lengths (and longer ones).
-MATCH_BUCKETS = (4, 8, 16, 32)
+# How far the text before a guessed token matches the text before the earlier occurrence it was taken
+# from: a long match means the model is copying (or looping), and its guesses come true far more
+# often. Acceptance is learned separately for matches up to each of these lengths (and longer ones).
+# Each right guess lengthens the match of the tokens guessed after it, so a guess's later tokens are
+# weighed by longer matches than its first.
+MATCH_BUCKETS = (4, 8, 16, 32, 64)
+MATCH_PRIORS = (0.5, 0.6, 0.8, 0.9, 0.95, 0.98)  # acceptance per bucket, until learned
 DRAFT_PRIOR_ACCEPTANCE = 0.7  # a draft model's tokens, until its verifies say otherwise
 # A decode of n rows is guessed to cost this much more per extra row than one row, until measured.
 PRIOR_ROW_COST = 0.6
@@ -124,16 +127,26 @@ class DecodeCosts:
         return max(1.0, (self.seconds[low] + slope * (rows - low)) / one)
 
 
-def expected_tokens(acceptance: float, guessed: int) -> float:
-    """Tokens one verify emits when each guessed token is right with probability ``acceptance``
-    (given the ones before it were): the sampled one plus the run of right guesses."""
-    if acceptance >= 1.0:
-        return guessed + 1.0
-    return (1.0 - acceptance ** (guessed + 1)) / (1.0 - acceptance)
+# How likely guessed tokens are to come true, each given the ones before it did: one rate for all, or
+# one per token of the guess.
+Likelihood = float | Sequence[float]
+
+
+def _per_token(likelihood: Likelihood, guessed: int) -> Sequence[float]:
+    return [likelihood] * guessed if isinstance(likelihood, float | int) else likelihood[:guessed]
+
+
+def expected_tokens(likelihood: Likelihood, guessed: int) -> float:
+    """Tokens one verify of ``guessed`` tokens emits: the sampled one plus the run of right guesses."""
+    expected, run = 1.0, 1.0
+    for rate in _per_token(likelihood, guessed):
+        run *= rate
+        expected += run
+    return expected
 
 
 def best_draft_length(
-    acceptance: float, available: int, others: int, costs: DecodeCosts, guess_cost: float = 0.0
+    likelihood: Likelihood, available: int, others: int, costs: DecodeCosts, guess_cost: float = 0.0
 ) -> int:
     """How many guessed tokens to verify (0: decode plainly), for the most tokens per second. The
     sequence is decoded on its own when it verifies guesses, beside a decode of the ``others``
@@ -142,16 +155,24 @@ def best_draft_length(
         return 0
     plain = (others + 1) / costs.ratio(others + 1)
     best, best_rate = 0, plain * MIN_GAIN
-    for guessed in range(1, available + 1):
+    expected, run = 1.0, 1.0
+    for guessed, rate in enumerate(_per_token(likelihood, available), start=1):
+        run *= rate
+        expected += run
         cost = costs.ratio(others) + costs.ratio(guessed + 1) + guess_cost * guessed
-        rate = (others + expected_tokens(acceptance, guessed)) / cost
-        if rate > best_rate:
-            best, best_rate = guessed, rate
+        if (others + expected) / cost > best_rate:
+            best, best_rate = guessed, (others + expected) / cost
     return best
 
 
-# How many tokens to guess: (likelihood of each, how many could be guessed, cost of making one) -> count.
-Chooser = Callable[[float, int, float], int]
+# How many tokens to guess: (how likely each is to come true, how many could be guessed, cost of making
+# one) -> count.
+Chooser = Callable[[Likelihood, int, float], int]
+
+
+def match_bucket(matched: int) -> int:
+    """The acceptance bucket of a guessed token whose preceding text matches over ``matched`` tokens."""
+    return next((i for i, bound in enumerate(MATCH_BUCKETS) if matched <= bound), len(MATCH_BUCKETS))
 
 
 @dataclass
@@ -162,13 +183,13 @@ class Lookup:
     # Per n-gram length: the n-gram -> where the token after its last occurrence is.
     index: dict[int, dict[tuple[int, ...], int]] = field(default_factory=lambda: {n: {} for n in NGRAMS})
     # Per match-length bucket: how often a guessed token came true (given the ones before it did).
-    acceptance: list[float] = field(default_factory=lambda: [0.5, 0.6, 0.8, 0.9, 0.95])
+    acceptance: list[float] = field(default_factory=lambda: list(MATCH_PRIORS))
     stats: SpeculationStats = field(default_factory=SpeculationStats)
-    bucket: int = 0  # of the last guess
+    matched: int = 0  # how far the text before the last guess's first token matched
     # A guess not sent for verification, checked against the tokens generated after it.
     _shadow: list[int] = field(default_factory=list)
     _shadow_at: int = 0
-    _shadow_bucket: int = 0
+    _shadow_matched: int = 0
 
     def __post_init__(self) -> None:
         history = self.history
@@ -179,7 +200,7 @@ class Lookup:
     def propose(self, slot: int, room: int, choose: Chooser) -> list[int]:
         """The guessed tokens to verify in this step (none when verifying them would not pay)."""
         guess = self.guess(room)
-        guessed = choose(self.likelihood, len(guess), 0.0) if guess else 0
+        guessed = choose(self.likelihoods(len(guess)), len(guess), 0.0) if guess else 0
         self.sent(guess, verifying=guessed > 0)
         return guess[:guessed]
 
@@ -194,23 +215,27 @@ class Lookup:
                 break
         if start is None:
             return []
-        matched = n
-        while matched < MATCH_BUCKETS[-1] and start > matched and history[start - matched - 1] == history[-matched - 1]:
+        matched, longest = n, MATCH_BUCKETS[-1] + 1  # past the last bucket, the length makes no difference
+        while matched < longest and start > matched and history[start - matched - 1] == history[-matched - 1]:
             matched += 1
-        self.bucket = next((i for i, bound in enumerate(MATCH_BUCKETS) if matched <= bound), len(MATCH_BUCKETS))
+        self.matched = matched
         return history[start : start + limit]
 
-    @property
-    def likelihood(self) -> float:
-        """How likely each token of the last guess is to come true."""
-        return self.acceptance[self.bucket]
+    def likelihoods(self, count: int) -> list[float]:
+        """How likely each of the last guess's first ``count`` tokens is to come true, given the ones before."""
+        acceptance, matched = self.acceptance, self.matched
+        return [acceptance[match_bucket(matched + offset)] for offset in range(count)]
+
+    def _learn(self, matched: int, right: bool) -> None:
+        bucket = match_bucket(matched)
+        self.acceptance[bucket] = learned(self.acceptance[bucket], right)
 
     def sent(self, guess: list[int], verifying: bool) -> None:
         """This step's guess goes to a verify, or is checked against what gets generated next."""
         if verifying:
             self._shadow = []  # the verify checks the same tokens
         elif not self._shadow and guess:
-            self._shadow, self._shadow_at, self._shadow_bucket = guess, 0, self.bucket
+            self._shadow, self._shadow_at, self._shadow_matched = guess, 0, self.matched
 
     def append(self, token: int) -> None:
         """A token was generated."""
@@ -222,7 +247,7 @@ class Lookup:
                 index[tuple(history[end - n : end])] = end
         if self._shadow:
             right = self._shadow[self._shadow_at] == token
-            self.acceptance[self._shadow_bucket] = learned(self.acceptance[self._shadow_bucket], right)
+            self._learn(self._shadow_matched + self._shadow_at, right)
             self._shadow_at += 1
             if not right or self._shadow_at == len(self._shadow):
                 self._shadow = []
@@ -230,4 +255,7 @@ class Lookup:
     def verified(self, drafted: int, accepted: int) -> None:
         """A verify checked ``drafted`` guessed tokens and found the first ``accepted`` right."""
         self.stats.record(drafted, accepted)
-        self.acceptance[self.bucket] = learned_from_verify(self.acceptance[self.bucket], drafted, accepted)
+        for offset in range(accepted):
+            self._learn(self.matched + offset, True)
+        if accepted < drafted:
+            self._learn(self.matched + accepted, False)
