@@ -20,7 +20,6 @@ from llmrun.engine.speculation import (
     Lookup,
     SpeculationOptions,
     best_draft_length,
-    expected_tokens,
 )
 from llmrun.errors import DraftMismatch
 
@@ -96,11 +95,14 @@ def test_lookup_learns_from_guesses_it_did_not_send() -> None:
     assert lookup.likelihoods(1)[0] < after[0]
 
 
-def test_expected_tokens_counts_the_sampled_token_and_the_run_of_right_guesses() -> None:
-    assert expected_tokens(1.0, 4) == 5
-    assert expected_tokens(0.0, 4) == 1
-    assert expected_tokens(0.5, 1) == pytest.approx(1.5)
-    assert expected_tokens([0.5, 1.0, 0.0], 3) == pytest.approx(1 + 0.5 + 0.5)
+def test_a_verify_counts_only_the_run_of_right_guesses() -> None:
+    cheap = DecodeCosts()
+    for rows in (1, 2, 4, 8, 16, 17):
+        cheap.record(rows, 0.01 * (1 + 0.02 * (rows - 1)))  # rows almost free: guess all that may come true
+    assert best_draft_length([1.0] * 8, 8, 0, cheap) == 8
+    # The third guess is sure to fail, so nothing after it can count: guessing past it only costs.
+    assert best_draft_length([1.0, 1.0, 0.0, 1.0, 1.0, 1.0], 6, 0, cheap) == 2
+    assert best_draft_length([0.0] * 8, 8, 0, cheap) == 0
 
 
 def test_a_long_match_guesses_more_tokens_than_a_short_one() -> None:

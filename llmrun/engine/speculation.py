@@ -136,15 +136,6 @@ def _per_token(likelihood: Likelihood, guessed: int) -> Sequence[float]:
     return [likelihood] * guessed if isinstance(likelihood, float | int) else likelihood[:guessed]
 
 
-def expected_tokens(likelihood: Likelihood, guessed: int) -> float:
-    """Tokens one verify of ``guessed`` tokens emits: the sampled one plus the run of right guesses."""
-    expected, run = 1.0, 1.0
-    for rate in _per_token(likelihood, guessed):
-        run *= rate
-        expected += run
-    return expected
-
-
 def best_draft_length(
     likelihood: Likelihood, available: int, others: int, costs: DecodeCosts, guess_cost: float = 0.0
 ) -> int:
@@ -155,7 +146,7 @@ def best_draft_length(
         return 0
     plain = (others + 1) / costs.ratio(others + 1)
     best, best_rate = 0, plain * MIN_GAIN
-    expected, run = 1.0, 1.0
+    expected, run = 1.0, 1.0  # tokens a verify emits: the sampled one, then the run of right guesses
     for guessed, rate in enumerate(_per_token(likelihood, available), start=1):
         run *= rate
         expected += run
