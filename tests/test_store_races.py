@@ -366,6 +366,16 @@ def kill_at_random_points(
     return log
 
 
+def test_kill_9_at_12_seeded_points_of_import_and_pull_never_breaks_the_store(
+    pull: Cli, hub: HubStandIn, home: Path, smollm2: Path, tiny_model: Path
+) -> None:
+    log = kill_at_random_points(pull, hub, home, smollm2, tiny_model, import_points=6, pull_points=5)
+    assert log.killed + log.finished_first == 6 + 5 + 1
+    assert log.killed >= 7, log
+    assert log.import_partials >= 1 and log.pull_partials >= 1, log  # some kills landed mid-copy, mid-download
+
+
+@pytest.mark.slow
 def test_kill_9_at_23_seeded_points_of_import_and_pull_never_breaks_the_store(
     pull: Cli, hub: HubStandIn, home: Path, smollm2: Path, tiny_model: Path
 ) -> None:
