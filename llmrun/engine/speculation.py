@@ -22,6 +22,7 @@ guess is sent only when the expected tokens per second go up.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,8 +163,9 @@ Chooser = Callable[[Likelihood, int, float], int]
 
 
 def match_bucket(matched: int) -> int:
-    """The acceptance bucket of a guessed token whose preceding text matches over ``matched`` tokens."""
-    return next((i for i, bound in enumerate(MATCH_BUCKETS) if matched <= bound), len(MATCH_BUCKETS))
+    """The acceptance bucket of a guessed token whose preceding text matches over ``matched`` tokens: the first
+    bound at least ``matched``, or past the last."""
+    return bisect.bisect_left(MATCH_BUCKETS, matched)
 
 
 @dataclass
