@@ -59,6 +59,7 @@ DEFAULT_MIN_P = 0.05
 DEFAULT_REPEAT_PENALTY = 1.1
 DEFAULT_REPEAT_LAST_N = 64
 DEFAULT_DRAFT_MAX = 16  # speculative decoding: most tokens guessed at once
+DEFAULT_STREAM_INTERVAL_MS = 20  # serve: running answers' new text is sent 50 times a second (see EngineWorker)
 KV_CACHE_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")  # as llama.cpp's --cache-type-k
 
 

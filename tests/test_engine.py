@@ -492,3 +492,41 @@ def test_every_worker_computes_on_one_thread(tiny_model: Path) -> None:
     finally:
         for worker in workers:
             worker.stop()
+
+
+def test_a_worker_gathers_streamed_text_for_its_interval_and_sends_the_first_and_the_end_at_once(smollm2: Path) -> None:
+    """Each hand-off wakes the server's event loop, which takes its turn from the decode on a busy CPU (see
+    EngineWorker): text is gathered for the interval, but the first text and the end never wait."""
+    import threading
+    import time
+
+    from llmrun.engine.worker import EngineWorker, SequenceUpdate
+
+    def answer(interval_s: float) -> tuple[list[tuple[float, SequenceUpdate]], float]:
+        worker = EngineWorker(Engine(smollm2, LoadOptions(n_ctx=512)), "smollm2", stream_interval_s=interval_s)
+        updates: list[tuple[float, SequenceUpdate]] = []
+        done = threading.Event()
+
+        def on_update(update: SequenceUpdate) -> None:
+            updates.append((time.perf_counter(), update))
+            if update.last:
+                done.set()
+
+        try:
+            prompt = tuple(worker.engine.chat_prompt([{"role": "user", "content": "Tell me about the sea."}]))
+            began = time.perf_counter()
+            worker.submit(GenerationRequest(prompt, GREEDY, max_tokens=24, ignore_eos=True), on_update)
+            assert done.wait(120)
+            return updates, time.perf_counter() - began
+        finally:
+            worker.stop()
+
+    each, _ = answer(0.0)
+    gathered, elapsed = answer(0.5)
+    assert "".join(update.text for _, update in each) == "".join(update.text for _, update in gathered)
+    assert len(each) >= 20  # a hand-off per token (English text: nearly every token is text)
+    first_at, first = gathered[0]
+    assert first.text and not first.last  # the first text went at once, not with the rest
+    assert len(gathered) <= 2 + elapsed / 0.5
+    middle = [at for at, update in gathered[1:] if not update.last]
+    assert all(later - earlier >= 0.45 for earlier, later in zip([first_at, *middle], middle, strict=False))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -55,6 +56,7 @@ class Ticket:
         self.on_update = on_update
         self.sequence: Sequence | None = None
         self.cancelled = False
+        self.answering = False  # its first text has been handed over
 
     def cancel(self) -> None:
         self.worker._post(("cancel", self))
@@ -103,11 +105,20 @@ def _compute_thread() -> _ComputeThread:
 
 
 class EngineWorker:
-    """Runs ``engine``'s scheduler on the engines' thread until ``stop()``."""
+    """Runs ``engine``'s scheduler on the engines' thread until ``stop()``.
 
-    def __init__(self, engine: Engine, name: str = "engine") -> None:
+    ``stream_interval_s``: how long the text of running answers is gathered before it is handed
+    over, all answers at once. Every hand-off wakes the receiver's thread, and on a CPU whose
+    cores all decode, that thread's turn is taken from the decode: one wake per token made
+    single-stream decoding 8% slower, one per 20 ms costs about 1%. An answer's first text and
+    its end are handed over at once, whatever the interval.
+    """
+
+    def __init__(self, engine: Engine, name: str = "engine", stream_interval_s: float = 0.0) -> None:
         self.engine = engine
         self.name = name
+        self.stream_interval_s = stream_interval_s
+        self._handed_at = 0.0  # when the text of every running answer was last handed over
         self._inbox: deque[tuple[str, Any]] = deque()
         self._active: dict[Sequence, Ticket] = {}
         self._stopping = False
@@ -230,13 +241,19 @@ class EngineWorker:
             self._deliver_one(sequence, ticket)
 
     def _deliver(self) -> None:
+        now = time.perf_counter()
+        due = now - self._handed_at >= self.stream_interval_s
+        if due:
+            self._handed_at = now
         for sequence, ticket in list(self._active.items()):
-            if sequence.pending_text or sequence.pending_logprobs or sequence.finished:
+            pending = sequence.pending_text or sequence.pending_logprobs
+            if sequence.finished or (pending and (due or not ticket.answering)):
                 self._deliver_one(sequence, ticket)
 
     def _deliver_one(self, sequence: Sequence, ticket: Ticket) -> None:
         text = "".join(sequence.drain_text())
         logprobs = sequence.drain_logprobs()
+        ticket.answering = True
         if sequence.finished:
             del self._active[sequence]
             result = Generation(self.engine.scheduler, sequence).result

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmrun.errors import DraftMismatch, LlmrunError, ModelNotFound, UsageError
+from llmrun.settings import DEFAULT_STREAM_INTERVAL_MS
 
 if TYPE_CHECKING:
     from llmrun.engine import Engine
@@ -57,6 +58,7 @@ class PoolOptions:
     queue: int | None = None  # requests waiting for a slot, per model; None: 4 x parallel
     deterministic: bool = False  # batch-invariant: flash attention off (see _load_engine)
     cache_ram_mb: int = DEFAULT_CACHE_RAM_MB  # per model: prompts' KV caches kept in host memory
+    stream_interval_ms: int = DEFAULT_STREAM_INTERVAL_MS  # streamed text is sent this often (0: each token)
     cache_type_k: str = "f16"  # the KV cache's types (ggml type names)
     cache_type_v: str = "f16"
     # Speculative decoding; a draft model serves the models that share its vocabulary. None: off.
@@ -341,4 +343,4 @@ def _load_engine(name: str, path: Path, options: PoolOptions) -> tuple[Engine, E
         engine = Engine(path, replace(load, speculation=SpeculationOptions()))
     with contextlib.suppress(LlmrunError):  # compile the chat template now, not in the first request
         engine.chat_prompt([{"role": "user", "content": "Hi"}])
-    return engine, EngineWorker(engine, name)
+    return engine, EngineWorker(engine, name, stream_interval_s=options.stream_interval_ms / 1000)
