@@ -530,3 +530,39 @@ def test_a_worker_gathers_streamed_text_for_its_interval_and_sends_the_first_and
     assert len(gathered) <= 2 + elapsed / 0.5
     middle = [at for at, update in gathered[1:] if not update.last]
     assert all(later - earlier >= 0.45 for earlier, later in zip([first_at, *middle], middle, strict=False))
+
+
+def test_a_worker_wakes_a_receiver_once_for_all_the_answers_of_a_step(smollm2: Path) -> None:
+    """Answers sharing an ``on_handed`` (the server's event loop) get it once per step, after all their updates."""
+    import threading
+
+    from llmrun.engine.worker import EngineWorker, SequenceUpdate
+
+    worker = EngineWorker(Engine(smollm2, LoadOptions(n_ctx=512, n_slots=3)), "smollm2")
+    events: list[str] = []
+    done = [threading.Event() for _ in range(3)]
+
+    def receiver(index: int) -> object:
+        def on_update(update: SequenceUpdate) -> None:
+            events.append(f"update {index}")
+            if update.last:
+                done[index].set()
+
+        return on_update
+
+    def woken() -> None:
+        events.append("woken")
+
+    try:
+        prompts = [worker.engine.chat_prompt([{"role": "user", "content": topic}]) for topic in ("Sea", "Sky", "Sun")]
+        for index, prompt in enumerate(prompts):
+            request = GenerationRequest(tuple(prompt), GREEDY, max_tokens=16, ignore_eos=True)
+            worker.submit(request, receiver(index), woken)  # type: ignore[arg-type]
+        assert all(event.wait(120) for event in done)
+    finally:
+        worker.stop()
+    updates = [event for event in events if event != "woken"]
+    assert len(updates) >= 3 * 15
+    assert events[-1] == "woken"  # nothing handed over is left without its wake-up
+    assert events.count("woken") <= len(updates) / 2  # one for the three answers of a step, not one each
+    assert "woken" not in {events[i] for i in range(1, len(events)) if events[i - 1] == "woken"}  # never twice in a row

@@ -50,10 +50,14 @@ UpdateCallback = Callable[[SequenceUpdate], None]
 class Ticket:
     """A submitted request: cancel it from any thread."""
 
-    def __init__(self, worker: EngineWorker, request: GenerationRequest, on_update: UpdateCallback) -> None:
+    def __init__(
+        self, worker: EngineWorker, request: GenerationRequest, on_update: UpdateCallback,
+        on_handed: Callable[[], None] | None = None,
+    ) -> None:  # fmt: skip
         self.worker = worker
         self.request = request
         self.on_update = on_update
+        self.on_handed = on_handed
         self.sequence: Sequence | None = None
         self.cancelled = False
         self.answering = False  # its first text has been handed over
@@ -130,9 +134,16 @@ class EngineWorker:
 
     # -- any thread --------------------------------------------------------------
 
-    def submit(self, request: GenerationRequest, on_update: UpdateCallback) -> Ticket:
-        """Queue a request; ``on_update`` is called on the worker thread as it progresses."""
-        ticket = Ticket(self, request, on_update)
+    def submit(
+        self, request: GenerationRequest, on_update: UpdateCallback, on_handed: Callable[[], None] | None = None
+    ) -> Ticket:
+        """Queue a request; ``on_update`` is called on the worker thread as it progresses.
+
+        ``on_handed`` is called after the updates of a step have all been handed over, once for
+        every ticket that shares it: where receivers wake one thread, that wake-up is then one
+        for all the answers of the step, not one for each.
+        """
+        ticket = Ticket(self, request, on_update, on_handed)
         self._post(("submit", ticket))
         return ticket
 
@@ -209,6 +220,8 @@ class EngineWorker:
                 ticket.sequence = self.engine.scheduler.submit(ticket.request)
             except LlmrunError as error:
                 ticket.on_update(SequenceUpdate("", result=_empty_result(), error=error))
+                if ticket.on_handed is not None:
+                    ticket.on_handed()
                 return
             self._active[ticket.sequence] = ticket
         elif kind == "cancel":
@@ -238,17 +251,35 @@ class EngineWorker:
         sequence = ticket.sequence
         if sequence is not None and sequence in self._active:
             self.engine.scheduler.cancel(sequence)
-            self._deliver_one(sequence, ticket)
+            self._hand_over([(sequence, ticket)])
 
     def _deliver(self) -> None:
         now = time.perf_counter()
         due = now - self._handed_at >= self.stream_interval_s
         if due:
             self._handed_at = now
-        for sequence, ticket in list(self._active.items()):
+        ready = []
+        for sequence, ticket in self._active.items():
             pending = sequence.pending_text or sequence.pending_logprobs
             if sequence.finished or (pending and (due or not ticket.answering)):
-                self._deliver_one(sequence, ticket)
+                ready.append((sequence, ticket))
+        if ready:
+            self._hand_over(ready)
+
+    def _hand_over(self, ready: list[tuple[Sequence, Ticket]]) -> None:
+        """Each sequence's update to its ticket, then each distinct ``on_handed`` once."""
+        handed: dict[Callable[[], None], list[Ticket]] = {}
+        for sequence, ticket in ready:
+            self._deliver_one(sequence, ticket)
+            if ticket.on_handed is not None:
+                handed.setdefault(ticket.on_handed, []).append(ticket)
+        for on_handed, tickets in handed.items():
+            try:
+                on_handed()
+            except Exception:  # noqa: BLE001 - a receiver that has gone away must not stop the other sequences
+                for ticket in tickets:
+                    if ticket.sequence is not None and not ticket.sequence.finished:
+                        self._cancel(ticket)
 
     def _deliver_one(self, sequence: Sequence, ticket: Ticket) -> None:
         text = "".join(sequence.drain_text())

@@ -215,7 +215,7 @@ class ModelStream:
             def deliver(update: SequenceUpdate, index: int = index) -> None:
                 mailbox.post(self._queue, (index, update))
 
-            self._tickets.append(self.model.worker.submit(generation, deliver))
+            self._tickets.append(self.model.worker.submit(generation, deliver, mailbox.wake))
         if prepared.tools is not None:
             self._parsers = [ToolCallParser(prepared.tools) for _ in range(request.n)]
         if prepared.reasoning is not None:
@@ -321,31 +321,41 @@ def _tool_events(index: int, pieces: list[Any], logprobs: list[TokenLogprob]) ->
 class _Mailbox:
     """Hands updates from engine threads to the event loop: one wake-up for all that arrive together.
 
-    An engine step yields a token for every running sequence; waking the loop once per
-    token would cost a system call each and compete for the CPU with the next decode.
+    An engine step yields text for every running sequence; the engine's thread posts them all,
+    then wakes the loop once. A wake-up per sequence would cost a system call each, and the woken
+    loop would take the interpreter from the engine's thread between two posts, for as long as
+    it takes to send what it got (measured: 4 streams 3-5% slower).
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._lock = threading.Lock()
         self._items: list[tuple[asyncio.Queue[Any], Any]] = []
+        self._waking = False  # a flush is on its way
 
     def post(self, queue: asyncio.Queue[Any], item: Any) -> None:
-        """From any thread: put ``item`` on ``queue`` soon."""
+        """From any thread: put ``item`` on ``queue`` at the next ``wake()``."""
         with self._lock:
             self._items.append((queue, item))
-            if len(self._items) > 1:
-                return  # a flush is already on its way
+
+    def wake(self) -> None:
+        """From any thread: deliver what was posted, soon."""
+        with self._lock:
+            if self._waking or not self._items:
+                return
+            self._waking = True
         try:
             self._loop.call_soon_threadsafe(self._flush)
         except RuntimeError:  # the loop has closed: nobody is listening any more
             with self._lock:
                 self._items.clear()
+                self._waking = False
             raise
 
     def _flush(self) -> None:
         with self._lock:
             items, self._items = self._items, []
+            self._waking = False
         for queue, item in items:
             queue.put_nowait(item)
 
