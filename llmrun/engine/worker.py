@@ -220,8 +220,7 @@ class EngineWorker:
                 ticket.sequence = self.engine.scheduler.submit(ticket.request)
             except LlmrunError as error:
                 ticket.on_update(SequenceUpdate("", result=_empty_result(), error=error))
-                if ticket.on_handed is not None:
-                    ticket.on_handed()
+                self._wake_receivers([ticket])
                 return
             self._active[ticket.sequence] = ticket
         elif kind == "cancel":
@@ -267,17 +266,22 @@ class EngineWorker:
             self._hand_over(ready)
 
     def _hand_over(self, ready: list[tuple[Sequence, Ticket]]) -> None:
-        """Each sequence's update to its ticket, then each distinct ``on_handed`` once."""
-        handed: dict[Callable[[], None], list[Ticket]] = {}
+        """Each sequence's update to its ticket, then their receivers' wake-ups."""
         for sequence, ticket in ready:
             self._deliver_one(sequence, ticket)
+        self._wake_receivers([ticket for _, ticket in ready])
+
+    def _wake_receivers(self, tickets: list[Ticket]) -> None:
+        """Each distinct ``on_handed`` of ``tickets`` once; where one fails, its unfinished answers are cancelled."""
+        handed: dict[Callable[[], None], list[Ticket]] = {}
+        for ticket in tickets:
             if ticket.on_handed is not None:
                 handed.setdefault(ticket.on_handed, []).append(ticket)
-        for on_handed, tickets in handed.items():
+        for on_handed, group in handed.items():
             try:
                 on_handed()
             except Exception:  # noqa: BLE001 - a receiver that has gone away must not stop the other sequences
-                for ticket in tickets:
+                for ticket in group:
                     if ticket.sequence is not None and not ticket.sequence.finished:
                         self._cancel(ticket)
 
